@@ -1,0 +1,72 @@
+# compute-api: `make run` serves on http://127.0.0.1:8000, `make test` runs every test.
+# Both set up a virtualenv in .venv from the pinned lock files first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+export PATH := $(CURDIR)/.tools/bin:$(PATH)
+
+RUNTIME := $(VENV)/.runtime-installed
+DEV := $(VENV)/.dev-installed
+
+.PHONY: help venv dev run test test-tools lint bench soak e2e image chart-lint lock clean
+
+help:
+	@echo "make run      serve the API with an embedded Dask cluster on http://$(HOST):$(PORT)"
+	@echo "make test     install test tools, then run the whole test suite"
+	@echo "make bench    benchmark compute-api against the usual ways of serving compute"
+	@echo "make soak     10-minute mixed load; prints error rate, p99 drift, RSS slope"
+	@echo "make e2e      the chart's pods as real containers behind an nginx ingress"
+	@echo "make image    build the container image with podman"
+	@echo "make lint     ruff, helm lint, shellcheck"
+	@echo "make lock     re-resolve requirements*.lock from pyproject.toml"
+
+$(RUNTIME): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+$(DEV): $(RUNTIME) requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
+	touch $@
+
+venv: $(RUNTIME)
+dev: $(DEV)
+
+run: $(RUNTIME)
+	$(BIN)/compute-api serve --host $(HOST) --port $(PORT)
+
+# System tools the tests drive for real (podman, nginx, helm, shellcheck...).
+test-tools:
+	scripts/install-test-tools.sh
+
+test: $(DEV) test-tools
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(DEV)
+	$(BIN)/ruff check service tests bench locustfiles
+	shellcheck scripts/*.sh .ci/run
+
+bench: $(DEV)
+	$(BIN)/python -m bench
+
+soak: $(DEV)
+	$(BIN)/python -m tests.soak --duration 600
+
+e2e: $(DEV) test-tools
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+image: test-tools
+	scripts/build-image.sh
+
+lock:
+	$(PYTHON) -m venv /tmp/compute-api-lock && /tmp/compute-api-lock/bin/pip install --quiet uv
+	/tmp/compute-api-lock/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes -o requirements.lock
+	/tmp/compute-api-lock/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 --generate-hashes -o requirements-dev.lock
+
+clean:
+	rm -rf $(VENV) .tools results .pytest_cache *.egg-info

@@ -1,0 +1,231 @@
+"""HTTP routes. The app is declared in one call in ``create_app``; its lifespan owns the backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
+
+from service import __version__
+from service.backend import Backend, ComputeFailed, ComputeTimeout, Unavailable
+from service.config import Settings
+from service.metrics import Metrics, MetricsMiddleware
+
+logger = logging.getLogger("compute_api.app")
+
+# Longest accepted spelling of n: FIB_MAX_N is at most 90, and "0000000035" is still 35. Anything
+# longer is rejected before int() ever sees it (no quadratic parsing of a 100 kB path).
+MAX_N_DIGITS = 10
+
+# nginx's convention for "the client went away before we answered"; only ever seen in metrics.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def parse_n(raw: str, max_n: int) -> int:
+    """Validate the path parameter of /fib/{n}; ``ValueError`` says what is wrong with it."""
+    if raw == "":
+        raise ValueError("n is required: /fib/{n}")
+    if len(raw) > MAX_N_DIGITS:
+        raise ValueError(f"n must be an integer from 0 to {max_n}")
+    # str.isdigit() accepts non-ASCII digits ("٣", "³") that int() would parse or choke on.
+    if not (raw.isascii() and raw.isdigit()):
+        raise ValueError(f"n must be a non-negative integer written with digits 0-9, got {raw!r}")
+    n = int(raw)
+    if n > max_n:
+        raise ValueError(f"n must be at most {max_n} (FIB_MAX_N), got {n}")
+    return n
+
+
+async def _client_gone(request: Request) -> None:
+    """Return when the HTTP client disconnects (a GET has no body left to read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def index(request: Request) -> JSONResponse:
+    """
+    responses:
+      '200':
+        description: The service's name, version and endpoints.
+    """
+    return JSONResponse(
+        {
+            "name": "compute-api",
+            "version": __version__,
+            "endpoints": {
+                "/fast": "answers at once, no computation",
+                "/fib/{n}": f"naive recursive Fibonacci on the Dask cluster, 0 <= n <= {request.app.state.settings.fib_max_n}",
+                "/healthz": "liveness: the process and its event loop are alive",
+                "/readyz": "readiness: connected to a running Dask scheduler",
+                "/metrics": "Prometheus metrics",
+                "/openapi.json": "OpenAPI schema",
+            },
+        }
+    )
+
+
+async def fast(request: Request) -> JSONResponse:
+    """
+    responses:
+      '200':
+        description: A tiny answer that never touches Dask.
+    """
+    return JSONResponse({"message": "Hello!"})
+
+
+async def fib(request: Request) -> Response:
+    """
+    parameters:
+      - name: n
+        in: path
+        required: true
+        description: Non-negative integer, at most FIB_MAX_N (default 35), ASCII digits only.
+        schema:
+          type: string
+    responses:
+      '200':
+        description: 'fib(n), computed on a Dask worker: {"n": n, "value": fib(n)}'
+      '422':
+        description: n is not an integer in range.
+      '500':
+        description: The computation failed on the cluster (e.g. it killed every worker it ran on).
+      '503':
+        description: The cluster is unreachable, has no workers, or is overloaded; see Retry-After.
+      '504':
+        description: No result within REQUEST_TIMEOUT.
+    """
+    settings: Settings = request.app.state.settings
+    try:
+        n = parse_n(request.path_params["n"], settings.fib_max_n)
+    except ValueError as exc:
+        return error(422, "invalid_n", str(exc))
+    backend: Backend = request.app.state.backend
+    # Race the computation against the client's disconnect: a request nobody waits for any more
+    # must release its queued task instead of occupying a worker.
+    computation = asyncio.ensure_future(backend.compute("fib", n))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait((computation, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not computation.done():
+        computation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await computation
+        return error(CLIENT_CLOSED_REQUEST, "client_closed_request", "the client disconnected")
+    try:
+        value = computation.result()
+    except Unavailable as exc:
+        return error(503, "unavailable", exc.detail, headers={"Retry-After": str(exc.retry_after)})
+    except ComputeTimeout as exc:
+        return error(504, "timeout", str(exc))
+    except ComputeFailed as exc:
+        logger.warning("fib(%d) failed: %s", n, exc)
+        return error(500, "compute_failed", str(exc))
+    return JSONResponse({"n": n, "value": value})
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """
+    responses:
+      '200':
+        description: The process and its event loop are alive (never depends on Dask).
+    """
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """
+    responses:
+      '200':
+        description: Connected to a running Dask scheduler.
+      '503':
+        description: Not connected to a scheduler (yet, or any more).
+    """
+    backend: Backend = request.app.state.backend
+    body: dict[str, Any] = {"scheduler": backend.address, "workers": backend.workers}
+    if backend.ready:
+        return JSONResponse({"status": "ready", **body})
+    return JSONResponse(
+        {"status": "not ready", "error": "unavailable", "detail": "not connected to a Dask scheduler", **body},
+        status_code=503,
+        headers={"Retry-After": str(request.app.state.settings.retry_after)},
+    )
+
+
+async def metrics(request: Request) -> Response:
+    """
+    responses:
+      '200':
+        description: Prometheus text exposition format.
+    """
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+schemas = SchemaGenerator(
+    {"openapi": "3.0.3", "info": {"title": "compute-api", "version": __version__}}
+)
+
+
+async def openapi(request: Request) -> Response:
+    """
+    responses:
+      '200':
+        description: This OpenAPI schema.
+    """
+    return JSONResponse(schemas.get_schema(routes=request.app.routes))
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_environ()
+    registry = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        backend = Backend(settings, registry)
+        app.state.backend = backend
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = Starlette(
+        routes=[
+            Route("/", index, methods=["GET"]),
+            Route("/fast", fast, methods=["GET"]),
+            # `path` so that an empty or slash-containing n reaches the validator (422, not 404).
+            Route("/fib/{n:path}", fib, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
+        middleware=[Middleware(MetricsMiddleware, metrics=registry)],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = registry
+    return app

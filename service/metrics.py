@@ -1,0 +1,113 @@
+"""Prometheus metrics, one registry per app (so tests can build many apps in one process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Latency buckets spanning an inline /fast (sub-millisecond) to a long fib (tens of seconds).
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Label for requests that matched no route: keeps label cardinality bounded under scanning.
+UNMATCHED = "<unmatched>"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # RSS, CPU, open fds of the API process
+        labels = ("route", "method", "status")
+        self.requests = Counter(
+            "compute_api_requests", "HTTP requests answered.", labels, registry=self.registry
+        )
+        self.latency = Histogram(
+            "compute_api_request_duration_seconds",
+            "HTTP request latency.",
+            labels,
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.computations = Counter(
+            "compute_api_computations",
+            "Computations started, by where they ran.",
+            ("where",),
+            registry=self.registry,
+        )
+        self.coalesced = Counter(
+            "compute_api_coalesced_requests",
+            "Requests that joined an identical computation already in flight.",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "compute_api_rejected_requests",
+            "Requests answered 503 without computing, by reason.",
+            ("reason",),
+            registry=self.registry,
+        )
+        self.released = Counter(
+            "compute_api_released_computations",
+            "Computations cancelled on the cluster because no request waited for them any more.",
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "compute_api_computations_in_flight",
+            "Distinct computations submitted to Dask and not finished.",
+            registry=self.registry,
+        )
+        self.workers = Gauge(
+            "compute_api_dask_workers", "Dask workers connected to the scheduler.", registry=self.registry
+        )
+        self.connected = Gauge(
+            "compute_api_scheduler_connected", "1 when connected to a running scheduler.", registry=self.registry
+        )
+
+    def bind(self, *, in_flight: Callable[[], float], workers: Callable[[], float], connected: Callable[[], float]) -> None:
+        """Read live values from the backend at scrape time instead of tracking them twice."""
+        self.in_flight.set_function(in_flight)
+        self.workers.set_function(workers)
+        self.connected.set_function(connected)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by route template (not raw path) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # if the app raises before starting a response, the server answers 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            # The router stores the matched route in the (shared) scope.
+            template = getattr(route, "path_format", None) or UNMATCHED
+            labels = (template, scope["method"], str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -1,0 +1,55 @@
+"""Compute functions: the one place to swap fib for your own work.
+
+This module is imported by the API, the Dask scheduler (which unpickles task graphs) and every
+Dask worker, from the same image. Keep it small and free of heavy imports.
+
+Only functions listed in ``REGISTRY`` are ever submitted to the cluster, and only with an argument
+the API has validated: the scheduler port executes whatever it is sent, so the API must never
+become a way to ship arbitrary callables.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Growth rate of naive fib's call tree: calls(n) ~ phi ** n.
+PHI = (1 + math.sqrt(5)) / 2
+
+
+def fib(n: int) -> int:
+    """Naive recursive Fibonacci: deliberately exponential, a stand-in for model inference."""
+    if n < 2:
+        return n
+    return fib(n - 1) + fib(n - 2)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A compute function and its cost model.
+
+    ``relative_cost(arg)`` is proportional to the run time; ``calibrate`` turns it into seconds.
+    The backend uses the estimate to run trivial work inline, to prioritise short jobs over long
+    ones, and to reject work that cannot finish in time (admission control).
+    """
+
+    name: str
+    func: Callable[[int], object]
+    relative_cost: Callable[[int], float]
+    calibration_arg: int
+
+    def calibrate(self, repeat: int = 3) -> float:
+        """Seconds per unit of relative cost, measured on this machine (best of ``repeat``)."""
+        best = math.inf
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self.func(self.calibration_arg)
+            best = min(best, time.perf_counter() - start)
+        return best / self.relative_cost(self.calibration_arg)
+
+
+REGISTRY: dict[str, Task] = {
+    "fib": Task(name="fib", func=fib, relative_cost=lambda n: PHI**n, calibration_arg=20),
+}

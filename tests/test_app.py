@@ -1,0 +1,73 @@
+"""The app in-process with its real lifespan (an embedded LocalCluster), through Starlette's TestClient."""
+
+from collections.abc import Iterator
+
+import pytest
+from starlette.testclient import TestClient
+
+from service.app import MAX_N_DIGITS, create_app, parse_n
+from service.config import Settings
+
+
+@pytest.mark.parametrize(("raw", "n"), [("0", 0), ("1", 1), ("35", 35), ("007", 7)])
+def test_parse_n_accepts_ascii_integers_in_range(raw: str, n: int) -> None:
+    assert parse_n(raw, 35) == n
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "-1", "+1", "1.5", "1e3", "abc", " 1", "36", "1000000", "9" * 500, "٣", "³", "１２", "1/2", "0x10"],
+)
+def test_parse_n_rejects_everything_else(raw: str) -> None:
+    with pytest.raises(ValueError):
+        parse_n(raw, 35)
+
+
+def test_parse_n_never_parses_long_strings() -> None:
+    # a digit string longer than MAX_N_DIGITS is refused on its length alone
+    with pytest.raises(ValueError, match="0 to 35"):
+        parse_n("1" * (MAX_N_DIGITS + 1), 35)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    settings = Settings.from_environ({}, embedded_workers=1, fib_max_n=30)
+    with TestClient(create_app(settings)) as c:  # runs the lifespan: starts and stops the cluster
+        yield c
+
+
+def test_lifespan_starts_a_ready_embedded_cluster(client: TestClient) -> None:
+    body = client.get("/readyz").json()
+    assert body["status"] == "ready"
+    assert body["workers"] == 1
+    assert body["scheduler"].startswith("tcp://127.0.0.1:")
+
+
+def test_routes(client: TestClient) -> None:
+    assert client.get("/fast").json() == {"message": "Hello!"}
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/fib/20").json() == {"n": 20, "value": 6765}
+    index = client.get("/").json()
+    assert set(index["endpoints"]) >= {"/fast", "/fib/{n}", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+
+
+def test_fib_max_n_is_configurable(client: TestClient) -> None:
+    r = client.get("/fib/31")
+    assert r.status_code == 422
+    assert r.json()["error"] == "invalid_n"
+    assert "30" in r.json()["detail"]
+
+
+def test_unknown_route_and_method_are_json_errors(client: TestClient) -> None:
+    r = client.get("/nope")
+    assert (r.status_code, r.json()["error"]) == (404, "not_found")
+    r = client.post("/fast")
+    assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed")
+
+
+def test_openapi_documents_every_route(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert schema["openapi"].startswith("3.")
+    assert set(schema["paths"]) == {"/", "/fast", "/fib/{n}", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+    fib = schema["paths"]["/fib/{n}"]["get"]
+    assert {"200", "422", "503", "504"} <= set(fib["responses"])

@@ -1,0 +1,174 @@
+"""Remote mode: the API against real `dask scheduler` / `dask worker` processes, with faults."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import httpx
+from conftest import DaskProcesses, ServerProcess, free_port, scrape, wait_until
+
+
+def remote_server(tmp_path: Path, cluster: DaskProcesses, **env: str) -> ServerProcess:
+    return ServerProcess(tmp_path, env={"DASK_SCHEDULER_ADDRESS": cluster.address, **env})
+
+
+def metric(url: str, name: str) -> float:
+    return scrape(url).get(name, 0.0)
+
+
+def scheduler_keys(cluster: DaskProcesses) -> list[str]:
+    return cluster.scheduler_call(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+
+
+def drop_request(port: int, path: str) -> socket.socket:
+    """Send a request and return the socket; closing it is the client going away."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    return sock
+
+
+def test_remote_mode_serves_and_reports_ready(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
+    with remote_server(tmp_path, dask_cluster_procs) as server:
+        ready = httpx.get(f"{server.url}/readyz").json()
+        assert ready == {"status": "ready", "scheduler": dask_cluster_procs.address, "workers": 2}
+        assert httpx.get(f"{server.url}/fib/25").json() == {"n": 25, "value": 75025}
+
+
+def test_scheduler_outage_longer_than_connect_timeout(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
+    """Loss -> fast 503s; back after > 30 s (distributed has closed its Client) -> recovers unaided."""
+    cluster = dask_cluster_procs
+    with remote_server(tmp_path, cluster) as server:
+
+        async def in_flight_at_loss() -> tuple[httpx.Response, float]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                pending = asyncio.ensure_future(client.get("/fib/33"))
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(cluster.stop_scheduler, kill=True)
+                lost = time.perf_counter()
+                r = await pending
+                return r, time.perf_counter() - lost
+
+        r, after = asyncio.run(in_flight_at_loss())
+        print(f"in-flight request answered {r.status_code} {after * 1000:.0f} ms after the scheduler died")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"] == "unavailable"
+        assert after < 2.0
+
+        outage_start = time.monotonic()
+        for path in ("/fib/20", "/readyz"):
+            t0 = time.perf_counter()
+            r = httpx.get(server.url + path, timeout=10)
+            took = time.perf_counter() - t0
+            print(f"{path} during the outage: {r.status_code} in {took * 1000:.1f} ms")
+            assert r.status_code == 503 and "retry-after" in r.headers
+            assert took < 1.0
+        assert httpx.get(f"{server.url}/healthz").status_code == 200  # liveness ignores Dask
+
+        # Outlast distributed.comm.timeouts.connect (30 s): the old Client is closed for good.
+        while time.monotonic() - outage_start < 35:
+            assert httpx.get(f"{server.url}/fib/20", timeout=10).status_code == 503
+            time.sleep(1)
+        cluster.start_scheduler()
+        cluster.start_worker("worker-after-outage")
+        t0 = time.monotonic()
+        wait_until(lambda: httpx.get(f"{server.url}/fib/20").status_code == 200, 30, what="recovery")
+        print(f"recovered {time.monotonic() - t0:.1f} s after the scheduler came back")
+        assert httpx.get(f"{server.url}/fib/21").json()["value"] == 10946
+        assert server.proc is not None and server.proc.poll() is None  # never restarted
+
+
+def test_dropped_queued_request_releases_its_task(tmp_path: Path) -> None:
+    cluster = DaskProcesses(tmp_path)
+    cluster.start_scheduler()
+    cluster.start_worker(nthreads=1)  # one slot: the second request has to queue
+    cluster.wait_for_workers(1)
+    try:
+        with remote_server(tmp_path, cluster, COALESCE="false") as server:
+
+            async def scenario() -> None:
+                async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                    busy = asyncio.ensure_future(client.get("/fib/33"))
+                    await asyncio.sleep(0.5)
+                    dropped = await asyncio.to_thread(drop_request, server.port, "/fib/31")
+                    await asyncio.to_thread(wait_until, lambda: any(
+                        k.startswith("fib-31-") for k in scheduler_keys(cluster)), 5, 0.1, "fib(31) queued")
+                    dropped.close()
+                    t0 = time.perf_counter()
+                    await asyncio.to_thread(wait_until, lambda: not any(
+                        k.startswith("fib-31-") for k in scheduler_keys(cluster)), 5, 0.05, "fib(31) released")
+                    print(f"dropped request's task released after {(time.perf_counter() - t0) * 1000:.0f} ms")
+                    assert not busy.done(), "the release must not wait for the busy worker"
+                    assert (await busy).json()["value"] == 3524578
+
+            asyncio.run(scenario())
+            wait_until(lambda: scheduler_keys(cluster) == [], 10, what="no tasks left on the scheduler")
+            assert metric(server.url, "compute_api_released_computations_total") == 1
+            assert metric(server.url, "compute_api_computations_in_flight") == 0
+    finally:
+        cluster.close()
+
+
+def test_coalesced_request_survives_another_clients_disconnect(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
+    with remote_server(tmp_path, dask_cluster_procs) as server:
+        before = metric(server.url, 'compute_api_computations_total{where="dask"}')
+
+        async def scenario() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                dropped = await asyncio.to_thread(drop_request, server.port, "/fib/31")
+                await asyncio.sleep(0.3)
+                kept = asyncio.ensure_future(client.get("/fib/31"))
+                await asyncio.sleep(0.3)
+                dropped.close()
+                return await kept
+
+        r = asyncio.run(scenario())
+        assert r.json() == {"n": 31, "value": 1346269}
+        assert metric(server.url, 'compute_api_computations_total{where="dask"}') == before + 1
+        assert metric(server.url, "compute_api_coalesced_requests_total") == 1
+        assert metric(server.url, "compute_api_released_computations_total") == 0
+
+
+def test_no_workers_is_a_fast_503(tmp_path: Path) -> None:
+    cluster = DaskProcesses(tmp_path)
+    cluster.start_scheduler()
+    try:
+        with remote_server(tmp_path, cluster) as server:
+            t0 = time.perf_counter()
+            r = httpx.get(f"{server.url}/fib/25", timeout=10)
+            took = time.perf_counter() - t0
+            print(f"no workers: {r.status_code} in {took * 1000:.1f} ms")
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert "no workers" in r.json()["detail"]
+            assert took < 1.0
+            cluster.start_worker()
+            wait_until(lambda: httpx.get(f"{server.url}/fib/25").status_code == 200, 30, what="worker joins")
+    finally:
+        cluster.close()
+
+
+def test_request_timeout_is_a_504(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
+    with remote_server(tmp_path, dask_cluster_procs, REQUEST_TIMEOUT="0.5", MAX_QUEUE_WAIT="30") as server:
+        t0 = time.perf_counter()
+        r = httpx.get(f"{server.url}/fib/33", timeout=10)
+        assert r.status_code == 504 and r.json()["error"] == "timeout"
+        assert time.perf_counter() - t0 < 5
+        # the abandoned computation is released, the service keeps serving
+        wait_until(lambda: scheduler_keys(dask_cluster_procs) == [], 10, what="timed-out task released")
+        assert httpx.get(f"{server.url}/fib/20").json()["value"] == 6765
+
+
+def test_starts_before_its_scheduler(tmp_path: Path) -> None:
+    cluster = DaskProcesses(tmp_path, port=free_port())
+    server = remote_server(tmp_path, cluster).start(wait="/healthz")
+    try:
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
+        assert httpx.get(f"{server.url}/fib/20").status_code == 503
+        cluster.start_scheduler()
+        cluster.start_worker()
+        wait_until(lambda: httpx.get(f"{server.url}/fib/20").status_code == 200, 30, what="late scheduler")
+    finally:
+        server.stop()
+        cluster.close()
