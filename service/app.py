@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,6 +20,7 @@ from service import __version__
 from service.backend import Backend, ComputeFailed, ComputeTimeout, Unavailable
 from service.config import Settings
 from service.metrics import Metrics, MetricsMiddleware
+from service.tasks import Task
 
 logger = logging.getLogger("compute_api.app")
 
@@ -62,13 +63,14 @@ async def index(request: Request) -> JSONResponse:
       '200':
         description: The service's name, version and endpoints.
     """
+    max_n = request.app.state.settings.fib_max_n
     return JSONResponse(
         {
             "name": "compute-api",
             "version": __version__,
             "endpoints": {
                 "/fast": "answers at once, no computation",
-                "/fib/{n}": f"naive recursive Fibonacci on the Dask cluster, 0 <= n <= {request.app.state.settings.fib_max_n}",
+                "/fib/{n}": f"naive recursive Fibonacci on the Dask cluster, 0 <= n <= {max_n}",
                 "/healthz": "liveness: the process and its event loop are alive",
                 "/readyz": "readiness: connected to a running Dask scheduler",
                 "/metrics": "Prometheus metrics",
@@ -197,13 +199,14 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, registry: Mapping[str, Task] | None = None) -> Starlette:
+    """The app. ``registry`` replaces ``service.tasks.REGISTRY`` (tests only: /fib/{n} runs its "fib")."""
     settings = settings or Settings.from_environ()
-    registry = Metrics()
+    metrics_registry = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        backend = Backend(settings, registry)
+        backend = Backend(settings, metrics_registry, registry)
         app.state.backend = backend
         await backend.start()
         try:
@@ -222,10 +225,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
-        middleware=[Middleware(MetricsMiddleware, metrics=registry)],
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics_registry)],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = registry
+    app.state.metrics = metrics_registry
     return app

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -94,9 +95,12 @@ class _Computation:
 
 
 class Backend:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, registry: Mapping[str, tasks.Task] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        # Only these functions can ever be submitted. Tests inject their own (e.g. a task that
+        # kills its worker); production always uses tasks.REGISTRY.
+        self.registry: Mapping[str, tasks.Task] = tasks.REGISTRY if registry is None else registry
         self.cluster: LocalCluster | None = None
         self.address: str | None = settings.scheduler_address
         self._client: Client | None = None
@@ -118,7 +122,7 @@ class Backend:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._unit_cost = {name: task.calibrate() for name, task in tasks.REGISTRY.items()}
+        self._unit_cost = {name: task.calibrate() for name, task in self.registry.items()}
         if self.settings.embedded:
             # Loopback only: the scheduler port runs whatever pickles it receives. No dashboard:
             # nothing here should be reachable from outside the process tree.
@@ -216,13 +220,13 @@ class Backend:
 
     def estimate(self, name: str, arg: int) -> float:
         """Estimated seconds of worker time for ``name(arg)``."""
-        return tasks.REGISTRY[name].relative_cost(arg) * self._unit_cost[name]
+        return self.registry[name].relative_cost(arg) * self._unit_cost[name]
 
     # -- compute -----------------------------------------------------------------------------
 
     async def compute(self, name: str, arg: int) -> Any:
         """Run a registered task with a validated argument and return its result."""
-        task = tasks.REGISTRY[name]  # KeyError: only registered functions can ever be submitted
+        task = self.registry[name]  # KeyError: only registered functions can ever be submitted
         cost = self.estimate(name, arg)
         if cost <= self.settings.inline_max_cost:
             # Cheaper than the round trip to a worker: the event loop barely notices it.

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         dest="embedded_workers",
-        help="embedded Dask worker processes; ignored with a scheduler address [EMBEDDED_WORKERS, default: one per core]",
+        help="embedded Dask worker processes, ignored in remote mode [EMBEDDED_WORKERS, default: one per core]",
     )
     serve.add_argument(
         "--scheduler-address",

@@ -72,7 +72,9 @@ class Metrics:
             "compute_api_scheduler_connected", "1 when connected to a running scheduler.", registry=self.registry
         )
 
-    def bind(self, *, in_flight: Callable[[], float], workers: Callable[[], float], connected: Callable[[], float]) -> None:
+    def bind(
+        self, *, in_flight: Callable[[], float], workers: Callable[[], float], connected: Callable[[], float]
+    ) -> None:
         """Read live values from the backend at scrape time instead of tracking them twice."""
         self.in_flight.set_function(in_flight)
         self.workers.set_function(workers)
