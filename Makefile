@@ -11,11 +11,12 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: help venv dev run test test-tools lint bench soak e2e image chart-lint lock clean
+.PHONY: help venv dev run test test-tools lint load bench soak e2e image lock clean
 
 help:
 	@echo "make run      serve the API with an embedded Dask cluster on http://$(HOST):$(PORT)"
 	@echo "make test     install test tools, then run the whole test suite"
+	@echo "make load     Locust swarm with SLO gate against LOAD_HOST (default: make run's server)"
 	@echo "make bench    benchmark compute-api against the usual ways of serving compute"
 	@echo "make soak     10-minute mixed load; prints error rate, p99 drift, RSS slope"
 	@echo "make e2e      the chart's pods as real containers behind an nginx ingress"
@@ -50,6 +51,12 @@ test: $(DEV) test-tools
 lint: $(DEV)
 	$(BIN)/ruff check service tests bench locustfiles
 	shellcheck scripts/*.sh .ci/run
+
+# Load test a running service (`make run` in another shell, or LOAD_HOST=https://your-ingress).
+# Reports: results/locust/. Extra Locust options: LOAD_ARGS="-u 50 -t 5m --shape step".
+LOAD_HOST ?= http://$(HOST):$(PORT)
+load: $(DEV)
+	$(BIN)/locust --config locustfiles/locust.conf --headless --host $(LOAD_HOST) $(LOAD_ARGS)
 
 bench: $(DEV)
 	$(BIN)/python -m bench
