@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: help venv dev run test test-tools lint load bench soak e2e image lock clean
+.PHONY: help venv dev run test test-tools lint load bench soak e2e image image-loadtest kustomize-base kind-up lock clean
 
 help:
 	@echo "make run      serve the API with an embedded Dask cluster on http://$(HOST):$(PORT)"
@@ -21,7 +21,8 @@ help:
 	@echo "make soak     10-minute mixed load; prints error rate, p99 drift, RSS slope"
 	@echo "make e2e      the chart's pods as real containers behind an nginx ingress"
 	@echo "make image    build the container image with podman"
-	@echo "make lint     ruff, helm lint, shellcheck"
+	@echo "make lint     ruff, shellcheck, helm lint --strict"
+	@echo "make kind-up  local kind cluster with ingress-nginx, the operator and the chart (needs Docker + kind)"
 	@echo "make lock     re-resolve requirements*.lock from pyproject.toml"
 
 $(RUNTIME): requirements.lock pyproject.toml
@@ -48,9 +49,11 @@ test-tools:
 test: $(DEV) test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(DEV)
+lint: $(DEV) test-tools
 	$(BIN)/ruff check service tests bench locustfiles
 	shellcheck scripts/*.sh .ci/run
+	helm lint --strict helm/compute-api
+	for f in helm/compute-api/ci/*.yaml; do helm lint --strict helm/compute-api --values $$f || exit 1; done
 
 # Load test a running service (`make run` in another shell, or LOAD_HOST=https://your-ingress).
 # Reports: results/locust/. Extra Locust options: LOAD_ARGS="-u 50 -t 5m --shape step".
@@ -70,9 +73,21 @@ e2e: $(DEV) test-tools
 image: test-tools
 	scripts/build-image.sh
 
+# The same image plus locust, for in-cluster swarms (k8s/locust).
+image-loadtest: test-tools
+	LOADTEST=1 scripts/build-image.sh
+
+# k8s/base is generated from the chart: edit the chart, then run this.
+kustomize-base: test-tools
+	scripts/render-kustomize-base.sh
+
+kind-up:
+	scripts/kind-up.sh
+
 lock:
 	$(PYTHON) -m venv /tmp/compute-api-lock && /tmp/compute-api-lock/bin/pip install --quiet uv
 	/tmp/compute-api-lock/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes -o requirements.lock
+	/tmp/compute-api-lock/bin/uv pip compile pyproject.toml --extra loadtest --universal --python-version 3.11 --generate-hashes -o requirements-loadtest.lock
 	/tmp/compute-api-lock/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 --generate-hashes -o requirements-dev.lock
 
 clean:

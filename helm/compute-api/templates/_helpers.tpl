@@ -1,0 +1,148 @@
+{{/* Chart name, overridable. */}}
+{{- define "compute-api.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart unless the release name already contains the chart name. */}}
+{{- define "compute-api.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "compute-api.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Recommended labels (app.kubernetes.io/*) on every object. */}}
+{{- define "compute-api.labels" -}}
+helm.sh/chart: {{ include "compute-api.chart" . }}
+{{ include "compute-api.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: compute-api
+{{- end }}
+
+{{- define "compute-api.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "compute-api.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of the API pods. */}}
+{{- define "compute-api.apiSelectorLabels" -}}
+{{ include "compute-api.selectorLabels" . }}
+app.kubernetes.io/component: api
+{{- end }}
+
+{{/* The image every role runs; the tag defaults to appVersion. */}}
+{{- define "compute-api.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "compute-api.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "compute-api.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* DaskCluster name: the operator derives <name>-scheduler / <name>-default and caps names at 53. */}}
+{{- define "compute-api.daskClusterName" -}}
+{{- default (include "compute-api.fullname" .) .Values.dask.clusterName | trunc 53 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "compute-api.daskProtocol" -}}
+{{- if .Values.dask.tls.enabled }}tls{{ else }}tcp{{ end }}
+{{- end }}
+
+{{/* The scheduler Service the operator creates from the DaskCluster (port tcp-comm, 8786). */}}
+{{- define "compute-api.schedulerAddress" -}}
+{{- printf "%s://%s-scheduler.%s.svc.cluster.local:8786" (include "compute-api.daskProtocol" .) (include "compute-api.daskClusterName" .) .Release.Namespace }}
+{{- end }}
+
+{{/* Labels the operator puts on the scheduler / worker pods (used by NetworkPolicies). */}}
+{{- define "compute-api.schedulerPodLabels" -}}
+dask.org/cluster-name: {{ include "compute-api.daskClusterName" . }}
+dask.org/component: scheduler
+{{- end }}
+
+{{- define "compute-api.workerPodLabels" -}}
+dask.org/cluster-name: {{ include "compute-api.daskClusterName" . }}
+dask.org/component: worker
+{{- end }}
+
+{{/* Pod-level securityContext: Pod Security Standards "restricted". */}}
+{{- define "compute-api.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.runAsUser }}
+runAsGroup: {{ .Values.runAsGroup }}
+fsGroup: {{ .Values.runAsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level securityContext: restricted, read-only root (writes go to the /tmp emptyDir). */}}
+{{- define "compute-api.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.runAsUser }}
+runAsGroup: {{ .Values.runAsGroup }}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Dask TLS settings for one role (scheduler, worker or client), as container env entries.
+dask.config reads DASK_DISTRIBUTED__COMM__TLS__* into distributed.comm.tls.*.
+*/}}
+{{- define "compute-api.daskTlsEnv" -}}
+{{- if .context.Values.dask.tls.enabled }}
+- name: DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION
+  value: "True"
+- name: DASK_DISTRIBUTED__COMM__TLS__CA_FILE
+  value: /etc/dask/tls/ca.crt
+- name: DASK_DISTRIBUTED__COMM__TLS__{{ upper .role }}__CERT
+  value: /etc/dask/tls/tls.crt
+- name: DASK_DISTRIBUTED__COMM__TLS__{{ upper .role }}__KEY
+  value: /etc/dask/tls/tls.key
+{{- end }}
+{{- end }}
+
+{{/* Volumes every pod needs: a writable /tmp (read-only root) and, with TLS, the certificates. */}}
+{{- define "compute-api.volumes" -}}
+- name: tmp
+  emptyDir: {}
+{{- if .Values.dask.tls.enabled }}
+- name: dask-tls
+  secret:
+    secretName: {{ required "dask.tls.secretName is required when dask.tls.enabled" .Values.dask.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "compute-api.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.dask.tls.enabled }}
+- name: dask-tls
+  mountPath: /etc/dask/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Seconds the API pod may take to stop: must exceed preStop sleep + graceful shutdown. */}}
+{{- define "compute-api.terminationGracePeriodSeconds" -}}
+{{- add .Values.api.preStopSleepSeconds .Values.api.gracefulShutdownTimeout .Values.api.terminationGraceMarginSeconds }}
+{{- end }}

@@ -1,0 +1,536 @@
+"""The Helm chart, verified offline: helm lint, strict schema validation (Kubernetes 1.30 and 1.35 and
+the installed dask-kubernetes CRDs), and the contracts between the rendered objects, the operator
+(its own pod-building code) and the real application.
+
+No API server can be had here, so every rule that a live cluster would enforce is checked against
+the same schemas or code the cluster and the operator use.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import dask.utils
+import httpx
+import pytest
+import yaml
+
+from _k8s_helpers import (
+    CHART,
+    CI_VALUES,
+    RECOMMENDED_LABELS,
+    assert_restricted,
+    by_kind,
+    env_of,
+    expand,
+    helm,
+    helm_template,
+    one,
+    operator_pods,
+    pod_templates,
+    run,
+    selector_matches,
+    validate_all,
+    validate_custom_resource,
+    validate_kubernetes,
+    var_references,
+)
+
+VALUES_IDS = [path.name for path in CI_VALUES]
+NAMESPACE = "apps"
+
+
+@pytest.fixture(scope="module", params=CI_VALUES, ids=VALUES_IDS)
+def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return helm_template(request.param, release="compute-api", namespace=NAMESPACE)
+
+
+@pytest.fixture(scope="module")
+def default_render() -> list[dict[str, Any]]:
+    return helm_template(release="compute-api", namespace=NAMESPACE)
+
+
+def values(path: Path | None = None) -> dict[str, Any]:
+    """Effective values: defaults overlaid with a ci values file (maps merge, lists replace, like helm)."""
+    def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+        merged = copy.deepcopy(base)
+        for key, value in override.items():
+            merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        return merged
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    return merge(defaults, yaml.safe_load(path.read_text()) or {}) if path else defaults
+
+
+def api_container(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def daskcluster(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(documents, "DaskCluster")
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+
+
+# --- lint and schemas ---------------------------------------------------------------------------------
+
+def test_helm_lint_strict_with_defaults() -> None:
+    result = run([helm(), "lint", "--strict", str(CHART)])
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=VALUES_IDS)
+def test_helm_lint_strict_with_ci_values(values_file: Path) -> None:
+    result = run([helm(), "lint", "--strict", str(CHART), "--values", str(values_file)])
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_ci_values_cover_the_options() -> None:
+    names = set(VALUES_IDS)
+    assert {"default-values.yaml", "tls-values.yaml", "hpa-ingress-values.yaml"} <= names, names
+
+
+def test_every_object_validates_strictly(rendered: list[dict[str, Any]]) -> None:
+    """Built-ins against Kubernetes 1.30 and 1.35 (strict); DaskCluster/DaskAutoscaler against the
+    installed operator's CRDs, with the pod and service specs inside a DaskCluster also checked
+    against the full Kubernetes schemas."""
+    validate_all(rendered)
+    assert by_kind(rendered, "DaskCluster"), "no DaskCluster rendered"
+
+
+def test_schema_validation_rejects_mistakes(default_render: list[dict[str, Any]]) -> None:
+    """The validators are not vacuous: an unknown field, a numeric targetPort in the DaskCluster's
+    Service (string-typed in the CRD, dk#778) and a bad probe all fail."""
+    cluster = copy.deepcopy(daskcluster(default_render))
+    cluster["spec"]["worker"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    with pytest.raises(AssertionError, match="imagePullPolice"):
+        validate_custom_resource(cluster)
+
+    cluster = copy.deepcopy(daskcluster(default_render))
+    cluster["spec"]["scheduler"]["service"]["ports"][0]["targetPort"] = 8786
+    with pytest.raises(AssertionError, match="targetPort"):
+        validate_custom_resource(cluster)
+
+    deployment = copy.deepcopy(one(default_render, "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/"
+    with pytest.raises(AssertionError, match="invalid for 1.30"):
+        validate_kubernetes(deployment, "1.30")
+
+
+def test_values_schema_rejects_typos() -> None:
+    result = run([helm(), "template", "x", str(CHART), "--set", "api.replicaz=3"], check=False)
+    assert result.returncode != 0 and "replicaz" in result.stderr, result.stderr
+    result = run([helm(), "template", "x", str(CHART), "--set", "dask.tls.enabled=true"], check=False)
+    assert result.returncode != 0, "TLS without a Secret must be refused"
+
+
+# --- contracts with the application ---------------------------------------------------------------------
+
+def test_probe_paths_are_routes_the_real_app_serves(default_render: list[dict[str, Any]], embedded_server) -> None:
+    """Start the real app (conftest's embedded server) and call every probe path of the API pod."""
+    container = api_container(default_render)
+    paths = {container[probe]["httpGet"]["path"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert paths == {"/healthz", "/readyz"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] in ports
+    for path in paths:
+        response = httpx.get(embedded_server.url + path, timeout=10)
+        assert response.status_code == 200, (path, response.status_code, response.text)
+
+
+def test_api_command_and_config(rendered: list[dict[str, Any]], request: pytest.FixtureRequest) -> None:
+    container = api_container(rendered)
+    command = container["command"]
+    assert command[:2] == ["compute-api", "serve"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--port") + 1] == str(next(p["containerPort"] for p in container["ports"] if p["name"] == "http"))
+    graceful = command[command.index("--timeout-graceful-shutdown") + 1]
+    config = one(rendered, "ConfigMap")["data"]
+    assert config["GRACEFUL_SHUTDOWN_TIMEOUT"] == graceful
+    effective = values(request.node.callspec.params["rendered"])
+    for key, value in effective["api"]["config"].items():
+        assert config[key] == str(value)
+    # The config map is wired in, and the pods roll when it changes.
+    assert container["envFrom"] == [{"configMapRef": {"name": one(rendered, "ConfigMap")["metadata"]["name"]}}]
+    annotations = one(rendered, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert len(annotations["checksum/config"]) == 64
+
+
+def test_config_change_rolls_the_api_pods() -> None:
+    before = one(helm_template(), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    after = one(helm_template(set_values=["api.config.FIB_MAX_N=30"]), "Deployment")
+    assert after["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != before
+
+
+def test_termination_grace_exceeds_prestop_plus_graceful_shutdown(rendered: list[dict[str, Any]]) -> None:
+    pod = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"  # present in the image: test_image checks it
+    graceful = float(container["command"][container["command"].index("--timeout-graceful-shutdown") + 1])
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + graceful
+
+
+def test_keepalive_outlives_the_ingress(rendered: list[dict[str, Any]]) -> None:
+    """ingress-nginx keeps upstream connections 60 s; uvicorn must keep them longer or 502s follow."""
+    assert float(one(rendered, "ConfigMap")["data"]["KEEPALIVE_TIMEOUT"]) > 60
+
+
+# --- contracts with the dask-kubernetes operator --------------------------------------------------------
+
+def test_scheduler_address_is_the_operator_service(rendered: list[dict[str, Any]]) -> None:
+    cluster = daskcluster(rendered)
+    name = cluster["metadata"]["name"]
+    assert len(name) <= 53
+    service = cluster["spec"]["scheduler"]["service"]
+    ports = {port["name"]: port for port in service["ports"]}
+    assert set(ports) >= {"tcp-comm", "http-dashboard"}, "the operator looks these ports up by name"
+    tls = any(e["name"] == "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION" for e in api_container(rendered).get("env", []))
+    expected = f"{'tls' if tls else 'tcp'}://{name}-scheduler.{NAMESPACE}.svc.cluster.local:{ports['tcp-comm']['port']}"
+    assert env_of(api_container(rendered))["DASK_SCHEDULER_ADDRESS"] == expected
+    # The operator's own injected address is always tcp://...:8786; ours must agree on host and port.
+    assert ports["tcp-comm"]["port"] == 8786
+    worker = operator_pods(cluster)["worker"]["spec"]["containers"][0]
+    assert env_of(worker)["DASK_SCHEDULER_ADDRESS"] == expected
+
+
+def test_scheduler_service_selects_the_scheduler_pod(rendered: list[dict[str, Any]]) -> None:
+    cluster = daskcluster(rendered)
+    service = cluster["spec"]["scheduler"]["service"]
+    pods = operator_pods(cluster)
+    assert service["selector"], "the operator uses the Service spec verbatim: it needs a selector"
+    assert selector_matches({"matchLabels": service["selector"]}, pods["scheduler"]["metadata"]["labels"])
+    assert not selector_matches({"matchLabels": service["selector"]}, pods["worker"]["metadata"]["labels"])
+    container_ports = {p["name"]: p["containerPort"] for p in pods["scheduler"]["spec"]["containers"][0]["ports"]}
+    for port in service["ports"]:
+        assert port["targetPort"] in container_ports, "named targetPort (int-or-string is a string in the CRD)"
+        assert container_ports[port["targetPort"]] == port["port"]
+
+
+def test_worker_command(rendered: list[dict[str, Any]], request: pytest.FixtureRequest) -> None:
+    worker = operator_pods(daskcluster(rendered))["worker"]["spec"]["containers"][0]
+    command = worker["command"]
+    assert command[:2] == ["dask", "worker"]
+    # dask worker does not read DASK_WORKER_NAME itself (dk#855).
+    assert command[command.index("--name") + 1] == "$(DASK_WORKER_NAME)"
+    assert command[command.index("--nworkers") + 1] == "1"
+    effective = values(request.node.callspec.params["rendered"])["dask"]["worker"]
+    assert command[command.index("--nthreads") + 1] == str(effective["nthreads"])
+    memory_limit = command[command.index("--memory-limit") + 1]
+    assert memory_limit == (effective["memoryLimit"] or effective["resources"]["limits"]["memory"])
+    assert dask.utils.parse_bytes(memory_limit) == dask.utils.parse_bytes(worker["resources"]["limits"]["memory"])
+    # Every $(VAR) resolves once the operator has injected its variables.
+    env = env_of(worker)
+    assert var_references(command) <= set(env), var_references(command) - set(env)
+    assert expand(command[command.index("--name") + 1], env) == env["DASK_WORKER_NAME"]
+    # Ports named for the NetworkPolicy are the ones the worker listens on.
+    ports = {p["name"]: str(p["containerPort"]) for p in worker["ports"]}
+    assert command[command.index("--worker-port") + 1] == ports["tcp-worker"]
+    assert command[command.index("--nanny-port") + 1] == ports["tcp-nanny"]
+    assert command[command.index("--dashboard-address") + 1] == f":{ports['http-dashboard']}"
+
+
+def test_scheduler_config(rendered: list[dict[str, Any]]) -> None:
+    cluster = daskcluster(rendered)
+    scheduler = cluster["spec"]["scheduler"]["spec"]["containers"][0]
+    env = env_of(scheduler)
+    routes = ast.literal_eval(env["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"])
+    # The variable replaces the whole list: keep every default route (read from the installed
+    # distributed, so a new default cannot be silently dropped) and add the HTTP API.
+    defaults = dask.config.get("distributed.scheduler.http.routes")
+    assert set(defaults) <= set(routes), set(defaults) - set(routes)
+    assert "distributed.http.scheduler.api" in routes
+    assert "distributed.http.health" in routes
+    # dask.config reads the variables the way the scheduler process will.
+    config = dask.config.update(
+        copy.deepcopy(dask.config.config),
+        dask.config.collect_env({key: value for key, value in env.items() if key.startswith("DASK_")}),
+    )
+    assert dask.config.get("distributed.scheduler.http.routes", config=config) == routes
+    assert dask.utils.parse_timedelta(dask.config.get("distributed.adaptive.target-duration", config=config)) > 0
+    no_workers = dask.config.get("distributed.scheduler.no-workers-timeout", config=config)
+    assert no_workers and 0 < dask.utils.parse_timedelta(no_workers) <= 600
+    # Probes hit /health, which the routes keep, on the dashboard port.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert scheduler[probe]["httpGet"] == {"path": "/health", "port": "http-dashboard"}
+
+
+def test_cluster_is_permanent_and_autoscaled(rendered: list[dict[str, Any]], request: pytest.FixtureRequest) -> None:
+    cluster = daskcluster(rendered)
+    assert cluster["spec"]["idleTimeout"] == 0
+    effective = values(request.node.callspec.params["rendered"])["dask"]["autoscaler"]
+    autoscalers = by_kind(rendered, "DaskAutoscaler")
+    if effective["enabled"]:
+        (autoscaler,) = autoscalers
+        assert autoscaler["spec"] == {
+            "cluster": cluster["metadata"]["name"],
+            "minimum": effective["minimum"],
+            "maximum": effective["maximum"],
+        }
+        assert autoscaler["spec"]["minimum"] <= autoscaler["spec"]["maximum"]
+    else:
+        assert autoscalers == []
+    for role in ("scheduler", "worker"):
+        resources = cluster["spec"][role]["spec"]["containers"][0]["resources"]
+        assert resources["requests"] and resources["limits"]["memory"]
+
+
+def test_autoscaler_on_by_default(default_render: list[dict[str, Any]]) -> None:
+    assert len(by_kind(default_render, "DaskAutoscaler")) == 1
+
+
+def test_cluster_name_capped_at_53_characters() -> None:
+    documents = helm_template(release="a-long-release-name-for-the-production-fib-service-x")
+    name = daskcluster(documents)["metadata"]["name"]
+    assert len(name) <= 53 and not name.endswith("-")
+    assert env_of(api_container(documents))["DASK_SCHEDULER_ADDRESS"].startswith(f"tcp://{name}-scheduler.")
+    validate_all(documents)
+
+
+def test_tls_everywhere_when_enabled() -> None:
+    documents = helm_template(CHART / "ci" / "tls-values.yaml", namespace=NAMESPACE)
+    secret = values(CHART / "ci" / "tls-values.yaml")["dask"]["tls"]["secretName"]
+    cluster = daskcluster(documents)
+    pods = {"api": one(documents, "Deployment")["spec"]["template"], **operator_pods(cluster)}
+    roles = {"api": "CLIENT", "scheduler": "SCHEDULER", "worker": "WORKER"}
+    for name, pod in pods.items():
+        container = pod["spec"]["containers"][0]
+        env = env_of(container)
+        assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True", name
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        mount = mounts["dask-tls"]
+        assert mount["readOnly"] is True
+        assert volumes["dask-tls"]["secret"]["secretName"] == secret
+        for key in ("CA_FILE", f"{roles[name]}__CERT", f"{roles[name]}__KEY"):
+            assert env[f"DASK_DISTRIBUTED__COMM__TLS__{key}"].startswith(mount["mountPath"] + "/"), (name, key)
+    assert env_of(pods["api"]["spec"]["containers"][0])["DASK_SCHEDULER_ADDRESS"].startswith("tls://")
+    scheduler_command = pods["scheduler"]["spec"]["containers"][0]["command"]
+    assert scheduler_command[scheduler_command.index("--protocol") + 1] == "tls"
+    worker = pods["worker"]["spec"]["containers"][0]
+    assert worker["command"][worker["command"].index("--protocol") + 1] == "tls"
+    assert env_of(worker)["DASK_SCHEDULER_ADDRESS"].startswith("tls://")
+
+
+def test_no_tls_settings_without_tls(default_render: list[dict[str, Any]]) -> None:
+    for name, pod in pod_templates(default_render).items():
+        for container in containers(pod):
+            assert not any(key.startswith("DASK_DISTRIBUTED__COMM__TLS") for key in env_of(container)), name
+
+
+# --- security ------------------------------------------------------------------------------------------
+
+def test_every_pod_is_pss_restricted(rendered: list[dict[str, Any]]) -> None:
+    pods = pod_templates(rendered)
+    assert {key.split("/")[0] for key in pods} >= {"Deployment", "DaskCluster", "Pod"}
+    for name, pod in pods.items():
+        assert_restricted(name, pod["spec"])
+
+
+def test_service_account_has_no_token(default_render: list[dict[str, Any]]) -> None:
+    account = one(default_render, "ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    pod = one(default_render, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_image_tag_defaults_to_app_version(default_render: list[dict[str, Any]]) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["kubeVersion"] and chart["appVersion"]
+    images = {c["image"] for pod in pod_templates(default_render).values() for c in containers(pod)}
+    assert images == {f"{values()['image']['repository']}:{chart['appVersion']}"}, images
+
+
+def test_one_image_for_all_roles(rendered: list[dict[str, Any]]) -> None:
+    images = {c["image"] for pod in pod_templates(rendered).values() for c in containers(pod)}
+    assert len(images) == 1, images
+
+
+# --- NetworkPolicies -------------------------------------------------------------------------------------
+
+def _policy(documents: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
+    (policy,) = [p for p in by_kind(documents, "NetworkPolicy") if p["metadata"]["name"].endswith(suffix)]
+    return policy
+
+
+def _peers_allow_pod(policy: dict[str, Any], port_name: str, labels: dict[str, str]) -> bool:
+    """Whether a pod with these labels, in the policy's own namespace, may reach port_name."""
+    for rule in policy["spec"].get("ingress", []):
+        if rule.get("ports") and not any(p.get("port") == port_name for p in rule["ports"]):
+            continue
+        for peer in rule.get("from", []):
+            if "podSelector" in peer and "namespaceSelector" not in peer and selector_matches(peer["podSelector"], labels):
+                return True
+    return False
+
+
+def _namespaces_allowed(policy: dict[str, Any], port_name: str) -> set[str]:
+    allowed = set()
+    for rule in policy["spec"].get("ingress", []):
+        if rule.get("ports") and not any(p.get("port") == port_name for p in rule["ports"]):
+            continue
+        for peer in rule.get("from", []):
+            if "namespaceSelector" in peer:
+                allowed.add(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
+    return allowed
+
+
+def test_network_policies_select_the_pods_they_mean(default_render: list[dict[str, Any]]) -> None:
+    pods = pod_templates(default_render)
+    api = pods["Deployment/compute-api"]["metadata"]["labels"]
+    scheduler = pods["DaskCluster/compute-api/scheduler"]["metadata"]["labels"]
+    worker = pods["DaskCluster/compute-api/worker"]["metadata"]["labels"]
+    helm_test = pods["Pod/compute-api-test-api"]["metadata"]["labels"]
+    everyone = {"api": api, "scheduler": scheduler, "worker": worker, "helm-test": helm_test}
+    selects = {
+        "-api": {"api"},
+        "-scheduler": {"scheduler"},
+        "-worker": {"worker"},
+    }
+    assert len(by_kind(default_render, "NetworkPolicy")) == len(selects)
+    for suffix, expected in selects.items():
+        policy = _policy(default_render, suffix)
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        selected = {name for name, labels in everyone.items() if selector_matches(policy["spec"]["podSelector"], labels)}
+        assert selected == expected, (suffix, selected)
+
+    scheduler_policy = _policy(default_render, "-scheduler")
+    # 8786 executes whatever it is sent: only the API and the workers.
+    assert {n for n, labels in everyone.items() if _peers_allow_pod(scheduler_policy, "tcp-comm", labels)} == {"api", "worker"}
+    assert _namespaces_allowed(scheduler_policy, "tcp-comm") == set()
+    # The dashboard / HTTP API: the operator's namespace only, never the ingress controller.
+    assert _namespaces_allowed(scheduler_policy, "http-dashboard") == {"dask-operator"}
+    assert not any(_peers_allow_pod(scheduler_policy, "http-dashboard", labels) for labels in everyone.values())
+
+    worker_policy = _policy(default_render, "-worker")
+    for port in ("tcp-worker", "tcp-nanny"):
+        assert {n for n, labels in everyone.items() if _peers_allow_pod(worker_policy, port, labels)} == {"scheduler", "worker"}
+        assert _namespaces_allowed(worker_policy, port) == set()
+
+    api_policy = _policy(default_render, "-api")
+    assert _namespaces_allowed(api_policy, "http") == {"ingress-nginx"}
+    assert {n for n, labels in everyone.items() if _peers_allow_pod(api_policy, "http", labels)} == {"helm-test"}
+
+    # Every port a policy names exists on the pods it selects.
+    for suffix, role in (("-api", api), ("-scheduler", scheduler), ("-worker", worker)):
+        pod = next(p for p in pods.values() if p["metadata"]["labels"] is role)
+        names = {port["name"] for c in pod["spec"]["containers"] for port in c.get("ports", [])}
+        for rule in _policy(default_render, suffix)["spec"]["ingress"]:
+            assert {p["port"] for p in rule["ports"]} <= names, (suffix, rule["ports"], names)
+
+
+def test_network_policies_can_be_disabled() -> None:
+    assert by_kind(helm_template(CHART / "ci" / "hpa-ingress-values.yaml"), "NetworkPolicy") == []
+
+
+# --- API objects ------------------------------------------------------------------------------------------
+
+def test_ingress_routes_only_to_the_api(rendered: list[dict[str, Any]]) -> None:
+    service = one(rendered, "Service")
+    for ingress in by_kind(rendered, "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                assert path["backend"]["service"]["name"] == service["metadata"]["name"]
+                assert path["backend"]["service"]["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_ingress_options() -> None:
+    documents = helm_template(CHART / "ci" / "hpa-ingress-values.yaml")
+    ingress = one(documents, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "compute-example-tls", "hosts": ["compute.example.com"]}]
+    assert ingress["spec"]["rules"][0]["host"] == "compute.example.com"
+    assert ingress["metadata"]["annotations"]
+    assert by_kind(helm_template(CHART / "ci" / "single-replica-values.yaml"), "Ingress") == []
+
+
+def test_api_service_selects_only_api_pods(rendered: list[dict[str, Any]]) -> None:
+    service = one(rendered, "Service")
+    matched = [name for name, pod in pod_templates(rendered).items()
+               if selector_matches({"matchLabels": service["spec"]["selector"]}, pod["metadata"]["labels"])]
+    assert matched == [f"Deployment/{one(rendered, 'Deployment')['metadata']['name']}"], matched
+
+
+def test_hpa_and_pdb() -> None:
+    default = helm_template()
+    assert by_kind(default, "HorizontalPodAutoscaler") == [], "HPA is off by default"
+    assert one(default, "Deployment")["spec"]["replicas"] == 2
+    assert len(by_kind(default, "PodDisruptionBudget")) == 1
+
+    single = helm_template(CHART / "ci" / "single-replica-values.yaml")
+    assert by_kind(single, "PodDisruptionBudget") == [], "a PDB on one replica blocks node drains"
+
+    scaled = helm_template(CHART / "ci" / "hpa-ingress-values.yaml")
+    hpa = one(scaled, "HorizontalPodAutoscaler")
+    deployment = one(scaled, "Deployment")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert "replicas" not in deployment["spec"], "the HPA owns replicas"
+    pdb = one(scaled, "PodDisruptionBudget")
+    assert selector_matches(pdb["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+
+
+def test_helm_test_hook_calls_the_api(default_render: list[dict[str, Any]]) -> None:
+    pod = one(default_render, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = "\n".join(pod["spec"]["containers"][0]["command"])
+    assert '"/fast"' in script and '"/fib/10"' in script and "55" in script
+    service = one(default_render, "Service")
+    assert pod["spec"]["containers"][0]["command"][-1] == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+
+
+def test_recommended_labels_on_every_object(rendered: list[dict[str, Any]]) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    for doc in rendered:
+        labels = doc["metadata"].get("labels", {})
+        missing = [label for label in RECOMMENDED_LABELS if label not in labels]
+        assert not missing, (doc["kind"], doc["metadata"]["name"], missing)
+        assert labels["app.kubernetes.io/version"] == chart["appVersion"]
+        assert labels["helm.sh/chart"] == f"{chart['name']}-{chart['version']}"
+    for name, pod in pod_templates(rendered).items():
+        assert "app.kubernetes.io/component" in pod["metadata"]["labels"], name
+
+
+def test_notes_explain_ingress_scaling_and_dashboard() -> None:
+    result = run([helm(), "install", "compute-api", str(CHART), "--dry-run=client", "--namespace", NAMESPACE])
+    notes = result.stdout.split("NOTES:", 1)[1]
+    for expected in ("kubectl get ingress compute-api", "kubectl scale daskworkergroup compute-api-default",
+                     "port-forward", "svc/compute-api-scheduler 8787", "helm upgrade", "dask-kubernetes-operator"):
+        assert expected in notes, expected
+
+
+# --- scaling the workers: every documented way -------------------------------------------------------------
+
+def test_every_way_to_scale_workers_is_wired() -> None:
+    """DaskAutoscaler (default), `kubectl scale daskworkergroup <name>-default` (the CRD's scale
+    subresource on the group the operator creates) and `helm upgrade --set dask.worker.replicas=N`
+    (the operator propagates DaskCluster spec.worker.replicas to that group)."""
+    import inspect
+
+    from dask_kubernetes.operator.controller import controller
+
+    from _k8s_helpers import crd_path
+
+    documents = helm_template(set_values=["dask.worker.replicas=5", "dask.autoscaler.enabled=false"])
+    cluster = daskcluster(documents)
+    assert cluster["spec"]["worker"]["replicas"] == 5
+    assert by_kind(documents, "DaskAutoscaler") == [], "a running autoscaler would override manual scaling"
+
+    group = controller.build_default_worker_group_spec(cluster["metadata"]["name"], cluster["spec"]["worker"], {}, {})
+    assert group["metadata"]["name"] == f"{cluster['metadata']['name']}-default"
+    assert group["spec"]["worker"]["replicas"] == 5
+    crd = yaml.safe_load(crd_path("DaskWorkerGroup").read_text())
+    scale = next(v for v in crd["spec"]["versions"] if v["storage"])["subresources"]["scale"]
+    assert scale["specReplicasPath"] == ".spec.worker.replicas"
+    assert 'field="spec.worker.replicas"' in inspect.getsource(controller), "operator propagates replicas"
+    autoscaler = one(helm_template(), "DaskAutoscaler")
+    assert autoscaler["spec"]["cluster"] == daskcluster(helm_template())["metadata"]["name"]
