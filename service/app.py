@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -17,7 +18,7 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from service import __version__
-from service.backend import Backend, ComputeFailed, ComputeTimeout, Unavailable
+from service.backend import Abandoned, Backend, ComputeFailed, ComputeTimeout, Done, Unavailable
 from service.config import Settings
 from service.metrics import Metrics, MetricsMiddleware
 from service.tasks import Task
@@ -30,6 +31,21 @@ MAX_N_DIGITS = 10
 
 # nginx's convention for "the client went away before we answered"; only ever seen in metrics.
 CLIENT_CLOSED_REQUEST = 499
+
+
+class AnythingConvertor(Convertor[str]):
+    """Like Starlette's ``path`` convertor, but also across newlines (``%0A`` in a path)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anything", AnythingConvertor())
 
 
 def error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -97,7 +113,9 @@ async def fib(request: Request) -> Response:
         required: true
         description: Non-negative integer, at most FIB_MAX_N (default 35), ASCII digits only.
         schema:
-          type: string
+          type: integer
+          minimum: 0
+          maximum: 35
     responses:
       '200':
         description: 'fib(n), computed on a Dask worker: {"n": n, "value": fib(n)}'
@@ -116,21 +134,18 @@ async def fib(request: Request) -> Response:
     except ValueError as exc:
         return error(422, "invalid_n", str(exc))
     backend: Backend = request.app.state.backend
-    # Race the computation against the client's disconnect: a request nobody waits for any more
-    # must release its queued task instead of occupying a worker.
-    computation = asyncio.ensure_future(backend.compute("fib", n))
-    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        await asyncio.wait((computation, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not computation.done():
-        computation.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await computation
-        return error(CLIENT_CLOSED_REQUEST, "client_closed_request", "the client disconnected")
-    try:
-        value = computation.result()
+        job = backend.submit("fib", n)
+        if isinstance(job, Done):
+            value = job.value
+        else:
+            # A request nobody waits for any more must release its queued task instead of
+            # occupying a worker: wait for the result or the client's disconnect, whichever first.
+            gone = asyncio.ensure_future(_client_gone(request))
+            try:
+                value = await backend.wait(job, abandoned=gone)
+            finally:
+                gone.cancel()
     except Unavailable as exc:
         return error(503, "unavailable", exc.detail, headers={"Retry-After": str(exc.retry_after)})
     except ComputeTimeout as exc:
@@ -138,6 +153,8 @@ async def fib(request: Request) -> Response:
     except ComputeFailed as exc:
         logger.warning("fib(%d) failed: %s", n, exc)
         return error(500, "compute_failed", str(exc))
+    except Abandoned:
+        return error(CLIENT_CLOSED_REQUEST, "client_closed_request", "the client disconnected")
     return JSONResponse({"n": n, "value": value})
 
 
@@ -190,7 +207,12 @@ async def openapi(request: Request) -> Response:
       '200':
         description: This OpenAPI schema.
     """
-    return JSONResponse(schemas.get_schema(routes=request.app.routes))
+    schema = schemas.get_schema(routes=request.app.routes)
+    # The documented range of n is the configured one, not the docstring's default.
+    for parameter in schema["paths"]["/fib/{n}"]["get"]["parameters"]:
+        if parameter["name"] == "n":
+            parameter["schema"]["maximum"] = request.app.state.settings.fib_max_n
+    return JSONResponse(schema)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -218,8 +240,9 @@ def create_app(settings: Settings | None = None, registry: Mapping[str, Task] | 
         routes=[
             Route("/", index, methods=["GET"]),
             Route("/fast", fast, methods=["GET"]),
-            # `path` so that an empty or slash-containing n reaches the validator (422, not 404).
-            Route("/fib/{n:path}", fib, methods=["GET"]),
+            # `anything` so that an empty n, or one with slashes or newlines, reaches the validator
+            # (422, not 404).
+            Route("/fib/{n:anything}", fib, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

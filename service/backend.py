@@ -31,8 +31,10 @@ from typing import Any
 
 import dask.config
 import yaml
-from distributed import Client, Future, LocalCluster, WorkerPlugin
+from distributed import Client, Future, WorkerPlugin
 from distributed.client import FutureCancelledError
+from distributed.deploy.spec import SpecCluster
+from distributed.deploy.subprocess import SubprocessCluster
 
 from service import tasks
 from service.config import Settings
@@ -41,6 +43,12 @@ from service.metrics import Metrics
 logger = logging.getLogger("compute_api.backend")
 
 dask.config.update_defaults(yaml.safe_load(resources.files("service").joinpath("dask.yaml").read_text()))
+
+# Seconds for the embedded cluster's worker processes to start and register.
+EMBEDDED_START_TIMEOUT = 60
+
+# How much each finished task moves the estimate of how fast the workers really are.
+SPEED_SMOOTHING = 0.3
 
 
 class Unavailable(Exception):
@@ -59,6 +67,10 @@ class ComputeTimeout(Exception):
 
 class ComputeFailed(Exception):
     """The task raised, or killed every worker it ran on."""
+
+
+class Abandoned(Exception):
+    """The request stopped waiting (its client went away)."""
 
 
 class LowerWorkerPriority(WorkerPlugin):
@@ -83,8 +95,15 @@ class LowerWorkerPriority(WorkerPlugin):
                 os.setpriority(os.PRIO_PROCESS, tid, self.nice)
 
 
+@dataclass(frozen=True)
+class Done:
+    """A result that needed no cluster (computed inline)."""
+
+    value: Any
+
+
 @dataclass(eq=False)
-class _Computation:
+class Computation:
     """One Dask task and the requests waiting for it."""
 
     key: tuple[str, int]
@@ -101,15 +120,17 @@ class Backend:
         # Only these functions can ever be submitted. Tests inject their own (e.g. a task that
         # kills its worker); production always uses tasks.REGISTRY.
         self.registry: Mapping[str, tasks.Task] = tasks.REGISTRY if registry is None else registry
-        self.cluster: LocalCluster | None = None
+        self.cluster: SpecCluster | None = None
         self.address: str | None = settings.scheduler_address
         self._client: Client | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        # Seconds per unit of each task's relative cost, measured at start-up.
+        # Seconds per unit of each task's relative cost in this process, measured at start-up,
+        # and how much slower (or faster) the workers turn out to be, learnt from every task.
         self._unit_cost: dict[str, float] = {}
+        self._worker_speed: dict[str, float] = {}
         # Coalescing table: (task name, argument) -> computation in flight.
-        self._shared: dict[tuple[str, int], _Computation] = {}
-        self._running: set[_Computation] = set()
+        self._shared: dict[tuple[str, int], Computation] = {}
+        self._running: set[Computation] = set()
         self._queued_cost = 0.0
         # Background cancellations, kept referenced until done (asyncio holds only weak refs).
         self._background: set[asyncio.Task[Any]] = set()
@@ -123,28 +144,41 @@ class Backend:
 
     async def start(self) -> None:
         self._unit_cost = {name: task.calibrate() for name, task in self.registry.items()}
+        self._worker_speed = {name: 1.0 for name in self.registry}
         if self.settings.embedded:
-            # Loopback only: the scheduler port runs whatever pickles it receives. No dashboard:
-            # nothing here should be reachable from outside the process tree.
-            self.cluster = await LocalCluster(
-                n_workers=self.settings.workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                # The scheduler always serves its HTTP routes (health, metrics); without this it
-                # would grab port 8787 and collide with a real dashboard on the same machine.
-                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                asynchronous=True,
-            )
+            self.cluster = await self._start_embedded_cluster()
             self.address = self.cluster.scheduler_address
             await self._connect()
+            # Worker subprocesses register on their own schedule; be ready only once they have.
+            await self._client.wait_for_workers(self.settings.workers, timeout=EMBEDDED_START_TIMEOUT)  # type: ignore[union-attr]
+            while self.workers < self.settings.workers:  # the Client's cached count lags a little
+                await asyncio.sleep(0.05)
         else:
             try:
                 await self._connect()
             except Exception as exc:  # start anyway: /readyz says 503 until the scheduler appears
                 logger.warning("scheduler %s unreachable at start-up: %r", self.address, exc)
         self._supervisor = asyncio.create_task(self._supervise(), name="dask-supervisor")
+
+    async def _start_embedded_cluster(self) -> SpecCluster:
+        """Scheduler and nannies in subprocesses of their own, on loopback only, without a dashboard.
+
+        Not a LocalCluster: that runs the scheduler and the nannies in this process, where their
+        periodic work (system and memory monitors) would share the event loop that serves HTTP.
+        The scheduler port runs whatever pickles it receives, hence loopback only.
+        """
+        watchdog = ["service.watchdog"]  # they exit if this process dies without closing them
+        return await SubprocessCluster(
+            host="127.0.0.1",
+            n_workers=self.settings.workers,
+            threads_per_worker=1,
+            dashboard_address=None,
+            # The scheduler always serves its HTTP routes (health, metrics); without an address
+            # it would take port 8787 and collide with a real dashboard on the same machine.
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0", "preload": watchdog},
+            worker_kwargs={"preload_nanny": watchdog},
+            asynchronous=True,
+        )
 
     async def close(self) -> None:
         if self._supervisor is not None:
@@ -206,44 +240,53 @@ class Backend:
     def ready(self) -> bool:
         return self._client is not None and self._client.status == "running"
 
-    @property
-    def workers(self) -> int:
+    def _scheduler_info(self, key: str) -> int:
+        # The Client refreshes this cache every distributed.client.scheduler-info-interval.
         if not self.ready:
             return 0
-        return int(self._client.scheduler_info().get("n_workers", 0))  # type: ignore[union-attr]
+        return int(self._client.scheduler_info().get(key, 0))  # type: ignore[union-attr]
+
+    @property
+    def workers(self) -> int:
+        return self._scheduler_info("n_workers")
 
     @property
     def threads(self) -> int:
-        if not self.ready:
-            return 0
-        return int(self._client.scheduler_info().get("total_threads", 0))  # type: ignore[union-attr]
+        return self._scheduler_info("total_threads")
 
     def estimate(self, name: str, arg: int) -> float:
-        """Estimated seconds of worker time for ``name(arg)``."""
+        """Estimated seconds for ``name(arg)`` in this process."""
         return self.registry[name].relative_cost(arg) * self._unit_cost[name]
 
     # -- compute -----------------------------------------------------------------------------
 
-    async def compute(self, name: str, arg: int) -> Any:
-        """Run a registered task with a validated argument and return its result."""
+    def submit(self, name: str, arg: int) -> Done | Computation:
+        """Start ``name(arg)`` (a registered task, a validated argument) without waiting.
+
+        Returns the result when it was cheap enough to compute inline, otherwise the computation
+        (new or joined) that the caller must ``await wait(...)`` next: this registers the caller
+        as a waiter. Raises ``Unavailable`` at once when the cluster cannot take the work, before
+        anything was queued.
+        """
         task = self.registry[name]  # KeyError: only registered functions can ever be submitted
-        cost = self.estimate(name, arg)
-        if cost <= self.settings.inline_max_cost:
+        local_cost = self.estimate(name, arg)
+        if local_cost <= self.settings.inline_max_cost:
             # Cheaper than the round trip to a worker: the event loop barely notices it.
             self.metrics.computations.labels("inline").inc()
-            return task.func(arg)
+            return Done(task.func(arg))
         computation = self._shared.get((name, arg)) if self.settings.coalesce else None
         if computation is None:
-            computation = self._submit(task, arg, cost)
+            computation = self._submit(task, arg, local_cost * self._worker_speed[name])
         else:
             self.metrics.coalesced.inc()
-        return await self._wait(computation)
+        computation.waiters += 1
+        return computation
 
     def _unavailable(self, reason: str, detail: str, retry_after: int | None = None) -> Unavailable:
         self.metrics.rejected.labels(reason).inc()
         return Unavailable(reason, detail, retry_after or self.settings.retry_after)
 
-    def _submit(self, task: tasks.Task, arg: int, cost: float) -> _Computation:
+    def _submit(self, task: tasks.Task, arg: int, cost: float) -> Computation:
         client = self._client
         if client is None or client.status != "running":
             raise self._unavailable("scheduler_unreachable", f"Dask scheduler {self.address} is not reachable")
@@ -264,6 +307,7 @@ class Backend:
             )
         key = (task.name, arg)
         future = client.submit(
+            tasks.timed,
             task.func,
             arg,
             key=f"{task.name}-{arg}-{uuid.uuid4().hex}",
@@ -271,7 +315,7 @@ class Backend:
             # Shortest job first: a cheap request never queues behind an expensive one.
             priority=-round(cost * 1e6),
         )
-        computation = _Computation(key=key, cost=cost, future=future)
+        computation = Computation(key=key, cost=cost, future=future)
         computation.driver = asyncio.ensure_future(self._drive(computation))
         self._running.add(computation)
         self._queued_cost += cost
@@ -280,47 +324,60 @@ class Backend:
         self.metrics.computations.labels("dask").inc()
         return computation
 
-    async def _drive(self, computation: _Computation) -> Any:
+    async def _drive(self, computation: Computation) -> Any:
         try:
-            return await computation.future
+            value, seconds = await computation.future
         except FutureCancelledError as exc:
             # Not our own cancel (that cancels this coroutine instead): the Client cancels every
             # pending future when it loses the scheduler.
             raise self._unavailable("scheduler_lost", f"lost the Dask scheduler: {exc.reason}") from None
         except OSError as exc:  # includes CommClosedError while gathering the result
             raise self._unavailable("scheduler_lost", f"lost the Dask scheduler: {exc!r}") from None
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             raise ComputeFailed(f"{type(exc).__name__}: {exc}") from exc
         finally:
             self._forget(computation)
+        self._learn_speed(computation.key[0], computation.key[1], seconds)
+        return value
 
-    def _forget(self, computation: _Computation) -> None:
+    def _learn_speed(self, name: str, arg: int, seconds: float) -> None:
+        ratio = min(50.0, max(0.02, seconds / self.estimate(name, arg)))
+        self._worker_speed[name] += SPEED_SMOOTHING * (ratio - self._worker_speed[name])
+
+    def _forget(self, computation: Computation) -> None:
         if computation in self._running:
             self._running.discard(computation)
             self._queued_cost = max(0.0, self._queued_cost - computation.cost)
         if self._shared.get(computation.key) is computation:
             del self._shared[computation.key]
 
-    async def _wait(self, computation: _Computation) -> Any:
-        computation.waiters += 1
+    async def wait(self, computation: Computation, abandoned: asyncio.Future[Any] | None = None) -> Any:
+        """Wait for a computation from ``submit``; give up on timeout or when ``abandoned`` resolves.
+
+        The last waiter to give up releases the computation on the cluster.
+        """
+        watchers: set[asyncio.Future[Any]] = {computation.driver}
+        if abandoned is not None:
+            watchers.add(abandoned)
         try:
-            return await asyncio.wait_for(asyncio.shield(computation.driver), self.settings.request_timeout)
-        except TimeoutError:
-            raise ComputeTimeout(
-                f"no result within REQUEST_TIMEOUT={self.settings.request_timeout:g}s"
-            ) from None
+            await asyncio.wait(watchers, timeout=self.settings.request_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if computation.driver.done():
+                return computation.driver.result()
+            if abandoned is not None and abandoned.done():
+                raise Abandoned
+            raise ComputeTimeout(f"no result within REQUEST_TIMEOUT={self.settings.request_timeout:g}s")
         finally:
             computation.waiters -= 1
             if computation.waiters == 0 and not computation.driver.done():
                 self._release(computation)
 
-    def _release(self, computation: _Computation) -> None:
+    def _release(self, computation: Computation) -> None:
         """Nobody waits any more (disconnect or timeout): free the worker slot it would take."""
         self._forget(computation)
         computation.driver.cancel()
         self.metrics.released.inc()
+        if computation.future.done():  # finished meanwhile: nothing left to cancel on the cluster
+            return
         cancel = asyncio.ensure_future(self._cancel(computation.future))
         self._background.add(cancel)
         cancel.add_done_callback(self._background.discard)

@@ -26,6 +26,17 @@ def fib(n: int) -> int:
     return fib(n - 1) + fib(n - 2)
 
 
+def timed(func: Callable[[int], object], arg: int) -> tuple[object, float]:
+    """Run ``func(arg)`` on a worker and report how long it took there.
+
+    The backend learns from these durations how fast the workers really are (nice levels, CPU
+    contention and different hardware all change it), and sizes admission control with that.
+    """
+    start = time.perf_counter()
+    result = func(arg)
+    return result, time.perf_counter() - start
+
+
 @dataclass(frozen=True)
 class Task:
     """A compute function and its cost model.

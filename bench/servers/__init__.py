@@ -1,0 +1,1 @@
+"""The servers under test: three baselines (modules here) and compute-api itself."""

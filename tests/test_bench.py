@@ -1,0 +1,82 @@
+"""The benchmark harness end to end on its tiny plan: every server, every scenario, real processes.
+
+Checks that ``python -m bench --quick`` produces the JSON, the table and the PNG, and that the
+figures are sane (positive, complete, no failed requests where none may fail). No timing target is
+asserted: those are the benchmark's own output, printed by ``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ("blocking", "notebook_dask", "processpool", "compute-api")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    return done, out
+
+
+@pytest.mark.timeout(180)
+def test_quick_run_writes_json_table_and_png(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    done, out = run
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert (out / "latest.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    table = (out / "latest.md").read_text()
+    assert table in done.stdout
+    assert "| scenario | " + " | ".join(SERVERS) + " |" in table
+    assert len(list(out.glob("bench-*.json"))) == 1
+
+
+@pytest.mark.timeout(180)
+def test_quick_run_figures_are_complete_and_sane(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    done, out = run
+    results = json.loads((out / "latest.json").read_text())
+    assert results["ceiling"]["fib_rate"] > 0
+    for name in SERVERS:
+        scenarios = results["servers"][name]["scenarios"]
+        assert sorted(scenarios) == list("abcdefgh"), name
+        assert all("error" not in s for s in scenarios.values()), (name, scenarios)
+        # Unloaded scenarios: every request must succeed.
+        for key in "abcdefg":
+            assert not scenarios[key].get("failures"), (name, key, scenarios[key])
+        assert 0 < scenarios["a"]["x1"]["p50"] <= scenarios["a"]["x1"]["max"]
+        assert scenarios["a"]["x1"]["count"] == results["plan"]["fast_sequence"]
+        assert scenarios["b"]["requests"] == results["plan"]["fib_burst"]
+        assert scenarios["c"]["fast"]["count"] >= 1 and scenarios["c"]["slow_s"] > 0
+        assert scenarios["d"]["fib_rate"] > 0 and scenarios["d"]["fast"]["count"] > 0
+        assert scenarios["e"]["fib_rate"] > 0 and scenarios["e"]["of_ceiling"] > 0
+        assert 0 < scenarios["f"]["latency"]["count"] <= results["plan"]["overhead_requests"]
+        # (h): every offered request is accounted for, answered or not.
+        h = scenarios["h"]
+        assert sum(h["statuses"].values()) >= h["offered_rate"] * h["seconds"] - 1
+        assert h["fast"]["count"] > 0
+
+    off = results["servers"]["compute-api"]["scenarios"]["g"]
+    assert off["computations"] == off["requests"], "COALESCE=false must compute every request"
+    on = results["servers"]["compute-api+coalesce"]["scenarios"]
+    assert sorted(on) == ["g"]
+    # Every request either started a computation or joined one; at least one joined.
+    assert on["g"]["computations"] >= 1 and on["g"]["coalesced"] >= 1
+    assert on["g"]["computations"] + on["g"]["coalesced"] == on["g"]["requests"]
+    assert {t["target"].split(":")[0] for t in results["targets"]} >= {
+        "isolation (d)",
+        "efficiency (e)",
+        "overhead (f)",
+        "coalescing (g)",
+        "overload (h)",
+    }

@@ -1,0 +1,238 @@
+"""Security of the Dask plane: what reaches the scheduler, mutual TLS, no dashboard, audited deps.
+
+(The embedded cluster listening on loopback only is tests/test_server.py's.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import dask.config
+import httpx
+import hypothesis
+import pytest
+from conftest import BIN, ROOT, DaskProcesses, ServerProcess
+from distributed import Client, Security
+from distributed.diagnostics.plugin import SchedulerPlugin
+from hypothesis import HealthCheck
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+from tls import generate
+
+from service import tasks
+from service.app import create_app
+from service.config import Settings
+
+MAX_N = 25
+KEY = re.compile(r"^fib-(\d+)-[0-9a-f]{32}$")
+
+
+class SubmissionRecorder(SchedulerPlugin):
+    """Every task that enters the scheduler: its key, function and arguments."""
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[str, Any, tuple[Any, ...]]] = []
+
+    def update_graph(self, scheduler: Any, *, keys: set[Any], **kwargs: Any) -> None:
+        for key in keys:
+            spec = scheduler.tasks[key].run_spec
+            self.submitted.append((str(key), getattr(spec, "func", spec), tuple(getattr(spec, "args", ()))))
+
+
+@pytest.fixture(scope="module")
+def recorded_app() -> Iterator[tuple[TestClient, SubmissionRecorder]]:
+    # INLINE_MAX_COST=0: every valid request goes to the cluster, so every one is inspected there.
+    settings = Settings.from_environ({}, embedded_workers=1, fib_max_n=MAX_N, inline_max_cost=0.0)
+    app = create_app(settings)
+    recorder = SubmissionRecorder()
+    with TestClient(app) as client:
+        scheduler = app.state.backend.cluster.scheduler  # in-process: LocalCluster's scheduler
+        client.portal.call(lambda: scheduler.add_plugin(recorder, name="submission-recorder"))
+        yield client, recorder
+
+
+# What a hostile client might put where n goes: anything, numbers in and out of range, and spellings
+# that int() or a careless parser would accept.
+HOSTILE = st.one_of(
+    st.text(max_size=40),
+    st.integers(min_value=0, max_value=MAX_N).map(str),
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
+    st.sampled_from(["__import__('os').system('id')", "fib", "../../etc/passwd", "1;2", "1 ", "+1", "0x1f", "1e1",
+                     "٣", "１", "²", "1_0", "0" * 11 + "1", "nan", "inf", "-0", "25/..", "%00", "{n}"]),
+)
+
+
+def test_only_registered_functions_with_validated_args_reach_the_scheduler(
+    recorded_app: tuple[TestClient, SubmissionRecorder],
+) -> None:
+    client, recorder = recorded_app
+    statuses: dict[int, int] = {}
+
+    @hypothesis.given(raw=HOSTILE)
+    @hypothesis.settings(max_examples=300, deadline=None, database=None,
+                         suppress_health_check=[HealthCheck.too_slow])
+    def fuzz(raw: str) -> None:
+        r = client.get("/fib/" + quote(raw, safe=""))
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        # 404: a line break in n matches no route (Starlette's path convertor is ".*" without DOTALL)
+        assert r.status_code in (200, 404, 422), (raw, r.status_code, r.text)
+
+    fuzz()
+    for method in ("POST", "PUT", "DELETE", "PATCH"):  # no other way in
+        assert client.request(method, "/fib/20").status_code == 405
+    for n in (0, MAX_N):  # the edges of the valid range do reach the cluster
+        assert client.get(f"/fib/{n}").status_code == 200
+    submitted = recorder.submitted
+    print(f"{sum(statuses.values())} hostile values of n -> statuses {statuses}; "
+          f"{len(submitted)} tasks reached the scheduler, all of them service.tasks.fib(0..{MAX_N})")
+    assert submitted, "nothing reached the scheduler: the check would be vacuous"
+    for key, func, args in submitted:
+        match = KEY.match(key)
+        assert match, key
+        n = int(match.group(1))
+        assert func is tasks.fib, (key, func)
+        assert args == (n,) and 0 <= n <= MAX_N, (key, args)
+
+
+DASHBOARD_PATHS = ["/status", "/workers", "/tasks", "/system", "/profile", "/graph", "/info/main/workers.html",
+                   "/individual-plots.json", "/api/v1", "/api/v1/retire_workers", "/api/v1/adaptive_target",
+                   "/statics/css/base.css", "/proxy/8787/127.0.0.1/status", "/sitemap.json", "/eventstream"]
+
+
+@pytest.mark.parametrize("path", DASHBOARD_PATHS)
+def test_api_never_serves_the_dask_dashboard(recorded_app: tuple[TestClient, SubmissionRecorder], path: str) -> None:
+    client, _ = recorded_app
+    for method in ("GET", "POST"):
+        r = client.request(method, path)
+        assert (r.status_code, r.json()["error"]) == (404, "not_found"), (method, path, r.text)
+
+
+# -- mutual TLS in remote mode --------------------------------------------------------------------
+
+
+def client_refused(address: str, security: Security) -> str:
+    """Try to connect as a Dask client; return why it failed (the test fails if it connects)."""
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):
+            with Client(address, security=security, timeout=3, set_as_default=False) as client:
+                client.scheduler_info()
+    except Exception as exc:  # OSError, TimeoutError, ssl errors: any refusal will do
+        return f"{type(exc).__name__}: {exc}"[:200]
+    raise AssertionError(f"a client with {security!r} connected to {address}")
+
+
+def tls_without_certificate_refused(port: int, ca: Path) -> str:
+    """A TLS client that trusts the CA but has no certificate of its own: the scheduler must hang up.
+
+    (distributed's own Client will not even try without a certificate, so this speaks TLS directly.)
+    """
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+            try:
+                # TLS 1.3: the server checks the client's (missing) certificate after the handshake
+                conn.sendall(b"\0" * 8)
+                data = conn.recv(1)
+            except (ssl.SSLError, ConnectionError) as exc:
+                return f"{type(exc).__name__}: {exc}"[:200]
+    assert data == b"", f"the scheduler answered a client without a certificate: {data!r}"
+    return "connection closed by the scheduler"
+
+
+def test_dask_tls_end_to_end_and_refusals(tmp_path: Path) -> None:
+    certs = generate(tmp_path)
+    cluster = DaskProcesses(tmp_path, env=certs.dask_env())
+    cluster.address = cluster.address.replace("tcp://", "tls://")
+    cluster.start_scheduler()
+    cluster.start_worker()
+    try:
+        with dask.config.set(certs.dask_config(("client",))):
+            cluster.wait_for_workers(1)
+            tls_workers = cluster.scheduler_call(lambda dask_scheduler: list(dask_scheduler.workers))
+        assert tls_workers and all(a.startswith("tls://") for a in tls_workers), tls_workers
+        # the API, with only the client certificate
+        env = {**certs.dask_env(("client",)), "DASK_SCHEDULER_ADDRESS": cluster.address}
+        with ServerProcess(tmp_path, env=env) as server:
+            ready = httpx.get(f"{server.url}/readyz").json()
+            assert ready["status"] == "ready" and ready["scheduler"].startswith("tls://"), ready
+            assert httpx.get(f"{server.url}/fib/25").json() == {"n": 25, "value": 75025}
+        plain = client_refused(cluster.address.replace("tls://", "tcp://"), Security(require_encryption=False))
+        no_cert = tls_without_certificate_refused(cluster.port, certs.ca)
+        (tmp_path / "rogue").mkdir()
+        rogue_pairs = generate(tmp_path / "rogue", "rogue CA").pairs["client"]
+        rogue = client_refused(cluster.address, Security(
+            tls_ca_file=str(certs.ca), tls_client_cert=str(rogue_pairs.cert), tls_client_key=str(rogue_pairs.key),
+            require_encryption=True))
+        print(f"TLS cluster at {cluster.address}: the API (client certificate) served /fib/25 over mutual TLS; "
+              f"refused: plain tcp:// client ({plain}); TLS client without a certificate ({no_cert}); "
+              f"client certificate from another CA ({rogue})")
+    finally:
+        cluster.close()
+
+
+# -- dependency audit -----------------------------------------------------------------------------
+
+# Known vulnerabilities accepted on purpose: {"VULN-ID": "why it does not apply / when it goes away"}.
+ACCEPTED_VULNERABILITIES: dict[str, str] = {}
+
+
+def latest_release_vulnerabilities(name: str, version: str) -> list[str] | None:
+    """Fallback when PyPI's per-release JSON is unavailable: the project JSON's ``vulnerabilities``
+    describe its latest release, so they are exactly ours when we pin the latest release; None otherwise."""
+    with urllib.request.urlopen(f"https://pypi.org/pypi/{name}/json", timeout=30) as response:
+        data = json.load(response)
+    if data["info"]["version"] != version:
+        return None
+    return [v["id"] for v in data.get("vulnerabilities", [])]
+
+
+def audit(lock: Path, tmp_path: Path) -> tuple[dict[str, list[str]], list[str], int]:
+    """pip-audit of a hashed lock file: ({package==version: [vuln ids]}, [unaudited packages], count)."""
+    out = tmp_path / f"{lock.name}.json"
+    done = subprocess.run(
+        [str(BIN / "pip-audit"), "--requirement", str(lock), "--require-hashes", "--disable-pip",
+         "--format", "json", "--output", str(out), "--progress-spinner", "off"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.exists(), f"pip-audit failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+    found: dict[str, list[str]] = {}
+    unaudited = []
+    dependencies = json.loads(out.read_text())["dependencies"]
+    for dep in dependencies:
+        pinned = f"{dep['name']}=={dep.get('version', '?')}"
+        if "skip_reason" in dep:
+            # pip-audit asks https://pypi.org/pypi/NAME/VERSION/json; some mirrors only serve NAME/json
+            version = re.search(r"\(([^)]+)\)$", dep["skip_reason"])
+            ids = latest_release_vulnerabilities(dep["name"], version.group(1)) if version else None
+            if ids is None:
+                unaudited.append(f"{dep['name']} ({dep['skip_reason']})")
+                continue
+            pinned = f"{dep['name']}=={version.group(1)}"
+        else:
+            ids = [v["id"] for v in dep.get("vulns", [])]
+        if ids:
+            found[pinned] = ids
+    return found, unaudited, len(dependencies)
+
+
+@pytest.mark.parametrize("lock_name", ["requirements.lock", "requirements-dev.lock"])
+def test_dependency_audit(lock_name: str, tmp_path: Path) -> None:
+    found, unaudited, total = audit(ROOT / lock_name, tmp_path)
+    unexplained = {pkg: [i for i in ids if i not in ACCEPTED_VULNERABILITIES] for pkg, ids in found.items()}
+    unexplained = {pkg: ids for pkg, ids in unexplained.items() if ids}
+    figure = (f"{lock_name}: {total} pinned packages, {total - len(unaudited)} audited, known vulnerabilities "
+              f"{found or 'none'}, accepted {sorted(ACCEPTED_VULNERABILITIES) or 'none'}; unaudited {unaudited}")
+    print(figure)
+    assert not unexplained, figure
+    if lock_name == "requirements.lock":
+        # what ships in the image must be audited in full; an unaudited package is not a clean one
+        assert not unaudited, figure
