@@ -108,8 +108,12 @@ def test_task_that_kills_every_worker_fails_with_500_and_the_service_stays_up(tm
                 assert r.json()["error"] == "compute_failed" and "KilledWorker" in r.json()["detail"], figure
                 assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
                 assert httpx.get(f"{url}/fast").json() == {"message": "Hello!"}
-                # the nannies restart the killed workers; the API sees them come back
-                wait_until(lambda: httpx.get(f"{url}/readyz").json()["workers"] == 2, 60, 0.2, "workers restarted")
+                # The nannies restart the killed workers. Ask the scheduler first: the API's worker
+                # count is a cache refreshed every 0.5 s and may still show the dead ones.
+                wait_until(lambda: cluster.scheduler_call(
+                    lambda dask_scheduler: sum(ws.status.name == "running" for ws in dask_scheduler.workers.values())
+                ) == 2, 60, 0.2, "workers restarted")
+                wait_until(lambda: httpx.get(f"{url}/readyz").json()["workers"] == 2, 10, 0.2, "API sees 2 workers")
             metrics = httpx.get(f"{url}/metrics").text
             assert 'compute_api_requests_total{method="GET",route="/fib/{n}",status="500"} 2.0' in metrics
     finally:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import ssl
@@ -13,7 +14,6 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import dask.config
@@ -22,13 +22,12 @@ import hypothesis
 import pytest
 from conftest import BIN, ROOT, DaskProcesses, ServerProcess
 from distributed import Client, Security
-from distributed.diagnostics.plugin import SchedulerPlugin
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
+from recorder import SubmissionRecorder, recorded
 from starlette.testclient import TestClient
 from tls import generate
 
-from service import tasks
 from service.app import create_app
 from service.config import Settings
 
@@ -36,28 +35,17 @@ MAX_N = 25
 KEY = re.compile(r"^fib-(\d+)-[0-9a-f]{32}$")
 
 
-class SubmissionRecorder(SchedulerPlugin):
-    """Every task that enters the scheduler: its key, function and arguments."""
-
-    def __init__(self) -> None:
-        self.submitted: list[tuple[str, Any, tuple[Any, ...]]] = []
-
-    def update_graph(self, scheduler: Any, *, keys: set[Any], **kwargs: Any) -> None:
-        for key in keys:
-            spec = scheduler.tasks[key].run_spec
-            self.submitted.append((str(key), getattr(spec, "func", spec), tuple(getattr(spec, "args", ()))))
-
-
 @pytest.fixture(scope="module")
-def recorded_app() -> Iterator[tuple[TestClient, SubmissionRecorder]]:
+def recorded_app() -> Iterator[tuple[TestClient, Client]]:
     # INLINE_MAX_COST=0: every valid request goes to the cluster, so every one is inspected there.
     settings = Settings.from_environ({}, embedded_workers=1, fib_max_n=MAX_N, inline_max_cost=0.0)
     app = create_app(settings)
-    recorder = SubmissionRecorder()
-    with TestClient(app) as client:
-        scheduler = app.state.backend.cluster.scheduler  # in-process: LocalCluster's scheduler
-        client.portal.call(lambda: scheduler.add_plugin(recorder, name="submission-recorder"))
-        yield client, recorder
+    # The embedded scheduler is a subprocess: it must be able to import the recorder plugin.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+        with TestClient(app) as client, Client(app.state.backend.address, set_as_default=False) as dask:
+            dask.register_plugin(SubmissionRecorder())
+            yield client, dask
 
 
 # What a hostile client might put where n goes: anything, numbers in and out of range, and spellings
@@ -72,9 +60,9 @@ HOSTILE = st.one_of(
 
 
 def test_only_registered_functions_with_validated_args_reach_the_scheduler(
-    recorded_app: tuple[TestClient, SubmissionRecorder],
+    recorded_app: tuple[TestClient, Client],
 ) -> None:
-    client, recorder = recorded_app
+    client, dask = recorded_app
     statuses: dict[int, int] = {}
 
     @hypothesis.given(raw=HOSTILE)
@@ -91,7 +79,7 @@ def test_only_registered_functions_with_validated_args_reach_the_scheduler(
         assert client.request(method, "/fib/20").status_code == 405
     for n in (0, MAX_N):  # the edges of the valid range do reach the cluster
         assert client.get(f"/fib/{n}").status_code == 200
-    submitted = recorder.submitted
+    submitted = dask.run_on_scheduler(recorded)
     print(f"{sum(statuses.values())} hostile values of n -> statuses {statuses}; "
           f"{len(submitted)} tasks reached the scheduler, all of them service.tasks.fib(0..{MAX_N})")
     assert submitted, "nothing reached the scheduler: the check would be vacuous"
@@ -99,8 +87,9 @@ def test_only_registered_functions_with_validated_args_reach_the_scheduler(
         match = KEY.match(key)
         assert match, key
         n = int(match.group(1))
-        assert func is tasks.fib, (key, func)
-        assert args == (n,) and 0 <= n <= MAX_N, (key, args)
+        # every task is service.tasks.fib(n), run through the timing wrapper
+        assert func == "service.tasks.timed", (key, func)
+        assert args == ("service.tasks.fib", n) and 0 <= n <= MAX_N, (key, args)
 
 
 DASHBOARD_PATHS = ["/status", "/workers", "/tasks", "/system", "/profile", "/graph", "/info/main/workers.html",
