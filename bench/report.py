@@ -123,6 +123,16 @@ ROWS: list[Row] = [
             + (f" ({s['fast_statuses'].get('timeout', 0)} timed out)" if s["fast_statuses"].get("timeout") else "")
         ),
     ),
+    (
+        lambda p: f"(i) fib({p['band_short_n']}) beside fib({p['band_long_n']}) load: p50 / p99 ms",
+        "i",
+        lambda s: f"{num(s['short']['p50'])} / {num(s['short']['p99'])}" + _failures(s),
+    ),
+    (
+        lambda p: f"(i) fib({p['band_long_n']}) meanwhile: p50 / p99 ms",
+        "i",
+        lambda s: f"{num(s['long']['p50'])} / {num(s['long']['p99'])}",
+    ),
 ]
 
 

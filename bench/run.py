@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing in well under a minute")
     parser.add_argument("--servers", default=",".join(names), help=f"comma-separated subset of {','.join(names)}")
-    parser.add_argument("--scenarios", default="".join(SCENARIOS), help="subset of the letters abcdefgh")
+    parser.add_argument("--scenarios", default="".join(SCENARIOS), help="subset of the letters " + "".join(SCENARIOS))
     parser.add_argument("--workers", type=int, default=machine.describe()["cores"], help="compute processes per server")
     parser.add_argument(
         "--api-env",

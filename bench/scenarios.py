@@ -38,6 +38,10 @@ class Plan:
     overload_deadline: float = 3.0  # (h): the client gives up after this long
     overload_fast_clients: int = 4
     ceiling_tasks_per_worker: int = 40
+    band_short_n: int = 22  # (i) short jobs...
+    band_long_n: int = 30  # ...beside long ones that keep every worker busy with a queue
+    band_short_clients: int = 2
+    band_seconds: float = 6.0
 
     @property
     def api_max_queue_wait(self) -> float:
@@ -66,6 +70,9 @@ QUICK = Plan(
     overload_deadline=1.0,
     overload_fast_clients=1,
     ceiling_tasks_per_worker=20,
+    band_short_n=18,
+    band_long_n=25,
+    band_seconds=0.6,
 )
 
 
@@ -274,6 +281,29 @@ async def overload(ctx: Context) -> dict[str, Any]:
 Scenario = Callable[[Context], Awaitable[dict[str, Any]]]
 
 # Run in this order for every server; (h) last, since it leaves the baselines minutes of backlog.
+async def bands(ctx: Context) -> dict[str, Any]:
+    """(i) short fib jobs beside long ones that saturate the workers: latency per n band.
+
+    A FIFO queue makes a short job wait behind every long one queued before it; compute-api gives
+    each task its estimated cost as Dask priority, so short jobs overtake the queue.
+    """
+    d, plan = ctx.driver, ctx.plan
+    start = d.now()
+    short, long = await asyncio.gather(
+        d.closed_loop(f"/fib/{plan.band_short_n}", plan.band_short_clients, plan.band_seconds),
+        d.closed_loop(f"/fib/{plan.band_long_n}", ctx.fib_clients, plan.band_seconds),
+    )
+    return {
+        "short_n": plan.band_short_n,
+        "long_n": plan.band_long_n,
+        "short": latency_ms(short),
+        "long": latency_ms(long),
+        "short_rate": _rate(short, start, plan.band_seconds),
+        "long_rate": _rate(long, start, plan.band_seconds),
+        "failures": _failures(short + long),
+    }
+
+
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "a": ("/fast x1 and x100 concurrent", fast_alone),
     "b": ("fib(28) x20 concurrent, distinct work", fib_burst),
@@ -283,4 +313,5 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "f": ("fib(1) end to end", overhead),
     "g": ("100 concurrent identical fib(30)", identical),
     "h": ("offered load at 10x capacity", overload),
+    "i": ("short fib jobs beside long ones: latency per n band", bands),
 }
