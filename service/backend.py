@@ -168,6 +168,9 @@ class Backend:
         The scheduler port runs whatever pickles it receives, hence loopback only.
         """
         watchdog = ["service.watchdog"]  # they exit if this process dies without closing them
+        # The subprocesses get this process's Dask configuration (service/dask.yaml + DASK_*), the
+        # way distributed's SSHCluster hands it to remote processes.
+        os.environ["DASK_INTERNAL_INHERIT_CONFIG"] = dask.config.serialize(dask.config.global_config)
         return await SubprocessCluster(
             host="127.0.0.1",
             n_workers=self.settings.workers,

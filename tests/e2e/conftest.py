@@ -1,0 +1,81 @@
+"""Fixtures for the cluster-in-a-box tests: the image, the nginx image and clusters from `helm template`.
+
+podman is required: without it (or when it cannot run containers) every test here fails with the
+command that installs it. Nothing is ever skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from _k8s_helpers import CHART, built_image, helm_template, podman
+
+from e2e.ingress import NGINX_CONTAINERFILE
+from e2e.load import SUMMARY, summary_table
+from e2e.runner import PAUSE_CONTAINERFILE, Cluster, base_image, build_local_image
+
+NAMESPACE = "e2e"
+RELEASE = "e2e"
+E2E_VALUES = CHART / "ci" / "e2e-values.yaml"
+E2E_TLS_VALUES = CHART / "ci" / "e2e-tls-values.yaml"
+
+
+@pytest.fixture(scope="session")
+def podman_works() -> None:
+    assert shutil.which("podman"), "podman is required: sudo scripts/install-test-tools.sh (installs podman, runc)"
+    assert shutil.which("unshare"), "unshare (util-linux) is required to point the ingress host at nginx for Locust"
+    info = podman("info", "--format", "{{.Host.OCIRuntime.Name}}", check=False)
+    assert info.returncode == 0, f"podman cannot run here (CONTAINERS_CONF=scripts/containers.conf):\n{info.stderr}"
+
+
+@pytest.fixture(scope="session")
+def image(podman_works: None) -> str:
+    return built_image()  # shared with the image tests: built once per session
+
+
+@dataclass(frozen=True)
+class HelperImages:
+    nginx: str
+    pause: str
+
+
+@pytest.fixture(scope="session")
+def helper_images(image: str) -> HelperImages:
+    base = base_image()  # exists once the project's image is built
+    return HelperImages(
+        nginx=build_local_image(NGINX_CONTAINERFILE, base, "localhost/compute-api-e2e-nginx"),
+        pause=build_local_image(PAUSE_CONTAINERFILE, base, "localhost/compute-api-e2e-pause"),
+    )
+
+
+def render(values: Path, image: str) -> list[dict]:
+    repository, tag = image.rsplit(":", 1)
+    documents = helm_template(values, release=RELEASE, namespace=NAMESPACE,
+                              set_values=[f"image.repository={repository}", f"image.tag={tag}"], include_hooks=False)
+    return documents
+
+
+def started_cluster(documents: list[dict], workdir: Path, images: HelperImages,
+                    secrets: dict[str, Path] | None = None) -> Iterator[Cluster]:
+    cluster = Cluster(documents, NAMESPACE, workdir, images.nginx, images.pause, secrets)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+        print(f"\ncontainer logs: {cluster.log_dir}")
+
+
+@pytest.fixture(scope="module")
+def cluster(image: str, helper_images: HelperImages, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from started_cluster(render(E2E_VALUES, image), tmp_path_factory.mktemp("e2e"), helper_images)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if SUMMARY:
+        terminalreporter.write_sep("=", "cluster in a box: summary")
+        terminalreporter.write_line(summary_table())

@@ -1,0 +1,374 @@
+"""The chart's pods as podman containers: a cluster in a box.
+
+``Cluster`` takes `helm template` output and plays the parts a real cluster would play, and only
+those: the operator (scheduler and worker Deployments built by its own code, scale-up with fresh
+worker names, scale-down through the scheduler's /api/v1/retire_workers), the kubelet (env and
+`$(VAR)` resolution, securityContext, volumes, probes, restartPolicy, preStop + grace period), the
+Deployment controller (maxSurge/maxUnavailable rollout), CoreDNS (network aliases for Service
+names) and the ingress controller (nginx configured from the Ingress, endpoints = ready API pods).
+Commands, arguments, environment, ports and images are taken verbatim from the manifests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _k8s_helpers import by_kind, one, operator_pods, podman, podman_env
+
+from e2e.ingress import CONFIG_DIR, nginx_config, routes, target_port
+from e2e.pods import PodContainer, containers_of, operator_worker_pod, pod_name
+from e2e.probes import Prober
+
+RUN_LABEL = "compute-api-e2e"
+
+
+PAUSE_CONTAINERFILE = """\
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+ENTRYPOINT ["sleep", "infinity"]
+"""
+
+
+def build_local_image(containerfile: str, base_image: str, name: str) -> str:
+    """A helper image built FROM the local Debian base (nothing can be pulled here): nginx, and the
+    pods' infra ("pause") container, which podman would otherwise build from catatonit. Tagged by
+    content, so an edited Containerfile or a new base is rebuilt and an unchanged one is reused."""
+    digest = hashlib.sha256(f"{base_image}\n{containerfile}".encode()).hexdigest()[:12]
+    tag = f"{name}:{digest}"
+    if podman("image", "exists", tag, check=False).returncode == 0:
+        return tag
+    with tempfile.TemporaryDirectory() as context:  # the build needs no files
+        build = subprocess.run(
+            ["podman", "build", "--network", "host", "--volume", "/etc/ssl/certs:/etc/ssl/certs:ro",
+             "--build-arg", f"BASE_IMAGE={base_image}", "--tag", tag, "--file", "-", context],
+            input=containerfile, capture_output=True, text=True, timeout=900, env=podman_env(),
+        )
+    assert build.returncode == 0, f"building {tag} failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    return tag
+
+
+def base_image() -> str:
+    """The Debian base scripts/build-image.sh used: the official image if present, else the local one."""
+    for candidate in ("docker.io/library/python:3.11-slim-bookworm", "localhost/python-base:bookworm"):
+        if podman("image", "exists", candidate, check=False).returncode == 0:
+            return candidate
+    raise AssertionError("no Python base image: run scripts/build-image.sh (it builds localhost/python-base:bookworm)")
+
+
+@dataclass
+class Pod:
+    role: str  # scheduler | worker | api | ingress
+    name: str  # the pod's name (its hostname); for a worker, also its Deployment's name and DASK_WORKER_NAME
+    container: str  # the podman container
+    spec: PodContainer | None = None
+    pod: str = ""  # the podman pod holding the network namespace
+    started: float = field(default_factory=time.monotonic)
+
+
+class Cluster:
+    def __init__(self, documents: list[dict[str, Any]], namespace: str, workdir: Path, nginx_image: str,
+                 pause_image: str, secrets: dict[str, Path] | None = None) -> None:
+        self.namespace = namespace
+        self.workdir = workdir
+        self.nginx_image = nginx_image
+        self.secrets = secrets or {}
+        self.prefix = f"e2e-{uuid.uuid4().hex[:6]}"
+        self.network = self.prefix
+        self.daskcluster = one(documents, "DaskCluster")
+        self.cluster_name = self.daskcluster["metadata"]["name"]
+        self.api_deployment = next(d for d in by_kind(documents, "Deployment")
+                                   if d["metadata"]["labels"].get("app.kubernetes.io/component") == "api")
+        self.config_maps = {c["metadata"]["name"]: c["data"] for c in by_kind(documents, "ConfigMap")}
+        self.services = {s["metadata"]["name"]: s for s in by_kind(documents, "Service")}
+        self.routes = routes(one(documents, "Ingress"))
+        self.pods: dict[str, Pod] = {}
+        self.nginx_dir = workdir / "nginx"
+        self.log_dir = workdir / "logs"
+        self.pause_image = pause_image
+        self.http = httpx.Client(timeout=10)
+        self._ips: dict[str, str] = {}
+        self.stopped: set[str] = set()  # pods whose container is deliberately stopped (no probes)
+        self.terminating: set[str] = set()  # pods being deleted: out of the endpoints
+        self._ingress_lock = threading.Lock()
+        self.prober = Prober(self, self.configure_ingress)
+
+    # -- podman --------------------------------------------------------------------------------------
+
+    def _run_pod(self, role: str, name: str, pod: dict[str, Any], aliases: list[str] = (),
+                 hostname: str | None = None) -> Pod:
+        (container,) = containers_of(pod, self.config_maps, self.secrets)  # every pod here has one container
+        pod_name = f"{self.prefix}-{name}"
+        labels = {RUN_LABEL: self.prefix, "role": role}
+        podman(*container.pod_args(pod_name, hostname or name, self.network, list(aliases), labels, self.pause_image))
+        podman(*container.run_args(f"{pod_name}-{container.container['name']}", pod_name, labels))
+        self.pods[name] = Pod(role, name, f"{pod_name}-{container.container['name']}", container, pod_name)
+        return self.pods[name]
+
+    def ip(self, pod: Pod) -> str:
+        if pod.pod not in self._ips:  # a pod keeps its IP for its whole life, container restarts included
+            infra = podman("pod", "inspect", pod.pod, "--format", "{{.InfraContainerID}}").stdout.strip()
+            info = json.loads(podman("inspect", infra).stdout)[0]
+            self._ips[pod.pod] = info["NetworkSettings"]["Networks"][self.network]["IPAddress"]
+        return self._ips[pod.pod]
+
+    def inspect_state(self, pod: Pod) -> dict[str, Any]:
+        info = json.loads(podman("inspect", pod.container).stdout)[0]
+        return {"restarts": info["RestartCount"], "started": info["State"]["StartedAt"],
+                "status": info["State"]["Status"]}
+
+    def _probe_ok(self, pod: Pod, probe: dict[str, Any]) -> bool:
+        get = probe["httpGet"]
+        url = f"http://{self.ip(pod)}:{pod.spec.port(get['port'])}{get['path']}"
+        try:
+            return 200 <= self.http.get(url, timeout=probe.get("timeoutSeconds", 1)).status_code < 400
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, pod: Pod, timeout: float = 90) -> None:
+        """The kubelet's startup, then readiness probe (polled faster than periodSeconds: only the
+        time to notice readiness differs)."""
+        probes = [pod.spec.container[k] for k in ("startupProbe", "readinessProbe") if k in pod.spec.container]
+        deadline = time.monotonic() + timeout
+        for probe in probes:
+            while not self._probe_ok(pod, probe):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{pod.name} not ready within {timeout}s\n{self.logs(pod)[-3000:]}")
+                time.sleep(0.5)
+        if pod.role == "api":
+            self.prober.mark_ready(pod)
+
+    def logs(self, pod: Pod) -> str:
+        result = podman("logs", pod.container, check=False)
+        return result.stdout + result.stderr
+
+    def _delete_pod(self, pod: Pod, grace: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after the grace period, like the kubelet deleting a pod."""
+        if grace is None:
+            grace = pod.spec.grace_period()
+        podman("stop", "--time", str(max(0, int(grace))), pod.container, timeout=grace + 60)
+        self._save_logs(pod)
+        self.prober.forget(pod)
+        self.pods.pop(pod.name, None)
+        self.terminating.discard(pod.name)
+        podman("pod", "rm", "--force", "--time", "0", pod.pod)
+
+    def _save_logs(self, pod: Pod) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{pod.name}.log", "a") as log:
+            log.write(self.logs(pod))
+
+    # -- the whole cluster ---------------------------------------------------------------------------
+
+    def start(self, workers: int | None = None) -> Cluster:
+        podman("network", "create", "--label", f"{RUN_LABEL}={self.prefix}", self.network)
+        self.start_scheduler()
+        for _ in range(self.daskcluster["spec"]["worker"]["replicas"] if workers is None else workers):
+            self.add_worker()
+        self.wait_for_workers(len(self.worker_pods()))
+        for _ in range(self.api_deployment["spec"]["replicas"]):
+            self.wait_ready(self.start_api_pod())
+        self.start_ingress()
+        self.prober.start()
+        return self
+
+    def close(self) -> None:
+        self.prober.stop()
+        for pod in list(self.pods.values()):
+            with contextlib.suppress(Exception):
+                self._save_logs(pod)
+        podman("rm", "--force", "--time", "0", "--filter", f"label={RUN_LABEL}={self.prefix}", check=False)
+        for pod in list(self.pods.values()):
+            podman("rm", "--force", "--time", "0", pod.container, check=False)
+            if pod.pod:
+                podman("pod", "rm", "--force", "--time", "0", pod.pod, check=False)
+        podman("network", "rm", "--force", self.network, check=False)
+        self.http.close()
+
+    # -- scheduler (the operator's scheduler Deployment + Service) -----------------------------------
+
+    @property
+    def scheduler(self) -> Pod:
+        return self.pods[f"{self.cluster_name}-scheduler"]
+
+    @property
+    def scheduler_service_aliases(self) -> list[str]:
+        service = f"{self.cluster_name}-scheduler"
+        return [service, f"{service}.{self.namespace}.svc.cluster.local"]
+
+    def start_scheduler(self) -> Pod:
+        pod = operator_pods(self.daskcluster)["scheduler"]
+        # The Deployment is named <cluster>-scheduler; this container stands for its one pod.
+        deployment = f"{self.cluster_name}-scheduler"
+        scheduler = self._run_pod("scheduler", deployment, pod, self.scheduler_service_aliases, pod_name(deployment))
+        self.wait_ready(scheduler)
+        return scheduler
+
+    def scheduler_url(self, path: str) -> str:
+        port = self.scheduler.spec.port("http-dashboard")
+        return f"http://{self.ip(self.scheduler)}:{port}{path}"
+
+    def scheduler_api(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        url = self.scheduler_url(f"/api/v1/{path}")
+        response = self.http.post(url, json=body, timeout=60) if body is not None else self.http.get(url)
+        assert response.status_code == 200, f"{url}: HTTP {response.status_code} {response.text[:300]}"
+        return response.json()
+
+    def stop_scheduler(self) -> None:
+        self.stopped.add(self.scheduler.name)
+        podman("stop", "--time", str(self.scheduler.spec.grace_period()), self.scheduler.container, timeout=120)
+
+    def restart_scheduler(self) -> None:
+        podman("start", self.scheduler.container)
+        self.scheduler.started = time.monotonic()
+        self.stopped.discard(self.scheduler.name)
+        self.wait_ready(self.scheduler)
+
+    # -- workers (the operator's DaskWorkerGroup <cluster>-default) ----------------------------------
+
+    def worker_pods(self) -> list[Pod]:
+        return [p for p in self.pods.values() if p.role == "worker"]
+
+    def add_worker(self) -> Pod:
+        name, pod = operator_worker_pod(self.daskcluster, self.namespace)
+        # The operator names the Deployment; the ReplicaSet controller names its pod (the hostname).
+        return self._run_pod("worker", name, pod, hostname=pod_name(name))
+
+    def scheduler_workers(self) -> list[dict[str, str]]:
+        return self.scheduler_api("get_workers")["workers"]
+
+    def wait_for_workers(self, n: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(httpx.HTTPError, AssertionError):
+                if len(self.scheduler_workers()) == n:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {n} workers on the scheduler within {timeout}s")
+            time.sleep(0.5)
+
+    def scale_workers(self, replicas: int) -> list[str]:
+        """`kubectl scale daskworkergroup <cluster>-default --replicas=N`, as the operator applies it."""
+        needed = replicas - len(self.worker_pods())
+        for _ in range(max(0, needed)):
+            self.add_worker()
+        retired: list[str] = []
+        if needed < 0:
+            # The operator's retire_workers(): the scheduler picks and retires them gracefully, and
+            # the operator deletes the Deployments named after the retired workers' names.
+            answer = self.scheduler_api("retire_workers", {"n": -needed})
+            retired = [info["name"] for info in answer.values()]
+            assert len(retired) == -needed, answer
+            for name in retired:
+                self._delete_pod(self.pods[name])
+        self.wait_for_workers(replicas)
+        return retired
+
+    def restart_container(self, pod: Pod) -> None:
+        """SIGKILL the container's process; the kubelet starts it again in the same pod (same IP)."""
+        podman("kill", "--signal", "KILL", pod.container)
+        podman("start", pod.container)
+        pod.started = time.monotonic()
+
+    # -- API (the Deployment) and the ingress --------------------------------------------------------
+
+    def dask_computations(self) -> float:
+        """Distinct computations the API pods have submitted to the cluster (their /metrics), i.e.
+        work the workers did, not counting requests that shared one computation (coalescing)."""
+        total = 0.0
+        for pod in self.api_pods():
+            for line in self.http.get(f"http://{self.ip(pod)}:{pod.spec.port('http')}/metrics").text.splitlines():
+                if line.startswith('compute_api_computations_total{where="dask"}'):
+                    total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def api_pods(self) -> list[Pod]:
+        return [p for p in self.pods.values() if p.role == "api"]
+
+    def start_api_pod(self) -> Pod:
+        template = self.api_deployment["spec"]["template"]
+        return self._run_pod("api", pod_name(self.api_deployment["metadata"]["name"]), template)
+
+    def endpoints(self) -> dict[str, list[str]]:
+        """Upstream -> addresses of the ready, not terminating API pods (the endpoints controller)."""
+        endpoints: dict[str, list[str]] = {}
+        for route in self.routes:
+            port = target_port(self.services[route.service], route.service_port)
+            endpoints[route.upstream] = [
+                f"{self.ip(p)}:{p.spec.port(port)}" for p in self.api_pods()
+                if p.name in self.prober.ready and p.name not in self.terminating
+            ]
+        return endpoints
+
+    def configure_ingress(self) -> None:
+        with self._ingress_lock:  # the prober thread reconfigures too
+            self.nginx_dir.mkdir(parents=True, exist_ok=True)
+            (self.nginx_dir / "nginx.conf").write_text(nginx_config(self.routes, self.endpoints()))
+            if "ingress" in self.pods:
+                podman("exec", self.pods["ingress"].container, "nginx", "-c", f"{CONFIG_DIR}/nginx.conf",
+                       "-s", "reload")
+                time.sleep(0.5)  # the master re-reads the configuration asynchronously
+
+    def start_ingress(self) -> None:
+        self.configure_ingress()
+        name = f"{self.prefix}-ingress-nginx"
+        podman("run", "--detach", "--name", name, "--network", self.network, "--label", f"{RUN_LABEL}={self.prefix}",
+               "--volume", f"{self.nginx_dir}:{CONFIG_DIR}:ro", self.nginx_image)
+        self.pods["ingress"] = Pod("ingress", "ingress", name)
+        info = json.loads(podman("inspect", name).stdout)[0]
+        self._ips[""] = info["NetworkSettings"]["Networks"][self.network]["IPAddress"]
+        deadline = time.monotonic() + 30
+        while not self._ingress_answers():
+            assert time.monotonic() < deadline, f"nginx did not start:\n{self.logs(self.pods['ingress'])}"
+            time.sleep(0.3)
+
+    def _ingress_answers(self) -> bool:
+        try:
+            return self.http.get(f"{self.ingress_url}/fast", headers={"Host": self.ingress_host}).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    @property
+    def ingress_url(self) -> str:
+        return f"http://{self.ip(self.pods['ingress'])}:80"
+
+    @property
+    def ingress_host(self) -> str:
+        return next(r.host for r in self.routes if r.host)
+
+    def rolling_restart_api(self) -> list[dict[str, float]]:
+        """`kubectl rollout restart`: the Deployment's RollingUpdate with maxSurge 1, maxUnavailable 0,
+        each old pod terminated as the kubelet does (out of the endpoints and preStop at once, then
+        SIGTERM, SIGKILL at terminationGracePeriodSeconds)."""
+        strategy = self.api_deployment["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate", strategy
+        update = strategy["rollingUpdate"]
+        assert (update["maxSurge"], update["maxUnavailable"]) == (1, 0), f"only maxSurge 1, maxUnavailable 0: {update}"
+        timings = []
+        for old in list(self.api_pods()):
+            new = self.start_api_pod()
+            self.wait_ready(new)
+            self.configure_ingress()  # the new pod joins the endpoints once ready
+            timings.append(self._terminate_api_pod(old))
+        return timings
+
+    def _terminate_api_pod(self, pod: Pod) -> dict[str, float]:
+        started = time.monotonic()
+        self.terminating.add(pod.name)
+        self.configure_ingress()
+        pre_stop = pod.spec.container["lifecycle"]["preStop"]["exec"]["command"]
+        podman("exec", pod.container, *pre_stop, timeout=pod.spec.grace_period() + 10)
+        pre_stop_s = time.monotonic() - started
+        remaining = pod.spec.grace_period() - pre_stop_s
+        self._delete_pod(pod, grace=remaining)
+        return {"pre_stop_s": pre_stop_s, "terminated_after_s": time.monotonic() - started}

@@ -1,0 +1,218 @@
+"""Scenarios 1-6 of `make e2e`: the default chart's pods in podman behind an nginx ingress, under load.
+
+One cluster serves every scenario in this module, in order; each scenario leaves it with one worker
+and two ready API pods. Figures go into the summary table printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from _k8s_helpers import podman
+
+from e2e.load import SUMMARY, LoadDriver, Results, Row, record, run_locust
+from e2e.runner import Cluster
+
+# The first test also waits for the image builds (scripts/build-image.sh, nginx) and the cluster.
+pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
+
+# /fast's latency objective through the ingress (the Locust SLO gate's default).
+FAST_P95_MS = 500
+SCHEDULER_OUTAGE_S = 45
+RECOVERY_S = 10
+ROLLOUT_MAX_FAILURE_RATIO = 0.001
+
+
+def driver(cluster: Cluster, **kwargs) -> LoadDriver:
+    return LoadDriver(cluster.ingress_url, cluster.ingress_host, **kwargs)
+
+
+def assert_all_answered(results: Results) -> None:
+    assert results.sent == results.answered == len(results.samples), (
+        f"sent {results.sent}, answered {results.answered}: "
+        f"{[s.error for s in results.samples if s.status == 0][:5]}")
+
+
+def assert_no_failures(results: Results) -> None:
+    assert_all_answered(results)
+    failures = results.failures
+    assert not failures, f"{len(failures)} of {len(results.samples)} failed: {[f.error for f in failures[:5]]}"
+
+
+def test_0_containers_run_the_rendered_pods(cluster: Cluster) -> None:
+    """What runs is what the manifests say: PID 1's argv, environment, user and read-only root, read
+    back from inside each container; workers carry the operator's name and the chart's --name."""
+    roles = {p.role for p in cluster.pods.values()}
+    assert roles == {"scheduler", "worker", "api", "ingress"}, roles
+    for pod in (p for p in cluster.pods.values() if p.spec is not None):
+        argv = podman("exec", pod.container, "cat", "/proc/1/cmdline").stdout.split("\0")[:-1]
+        entrypoint, args = pod.spec.command()
+        expected = [*(entrypoint or []), *args]
+        # A console script (dask, compute-api) runs as `python <script> ...`: compare from the script on.
+        tail = argv[-len(expected):]
+        assert tail[1:] == expected[1:] and tail[0].endswith(expected[0]), (argv, expected)
+        lines = podman("exec", pod.container, "env").stdout.splitlines()
+        env = dict(line.split("=", 1) for line in lines if "=" in line)
+        assert pod.spec.env().items() <= env.items(), pod.name
+        security = pod.spec.container["securityContext"]
+        assert podman("exec", pod.container, "id", "-u").stdout.strip() == str(security["runAsUser"])
+        write = podman("exec", pod.container, "touch", "/probe", check=False)
+        assert write.returncode != 0 and "Read-only file system" in write.stderr, write
+        podman("exec", pod.container, "touch", "/tmp/probe")  # the emptyDir stays writable
+    for pod in cluster.worker_pods():
+        env = pod.spec.env()
+        assert env["DASK_WORKER_NAME"] == pod.name  # injected by the operator's own code
+        assert env["DASK_SCHEDULER_ADDRESS"] == f"tcp://{cluster.scheduler_service_aliases[1]}:8786"
+        assert pod.name in {w["name"] for w in cluster.scheduler_workers()}
+    # The scheduler's HTTP API (what the DaskAutoscaler and scale-down use) is switched on by the chart.
+    routes = json.loads(cluster.scheduler.spec.env()["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"])
+    assert "distributed.http.scheduler.api" in routes
+    assert cluster.http.get(cluster.scheduler_url("/api/v1")).text == "API V1"
+
+
+def test_1_locust_swarm_through_the_ingress(cluster: Cluster) -> None:
+    """The project's locustfile, headless, mixed /fast + /fib for 60 s, with its SLO gate."""
+    csv_prefix = cluster.workdir / "locust" / "swarm"
+    csv_prefix.parent.mkdir(parents=True, exist_ok=True)
+    nginx_ip = cluster.ip(cluster.pods["ingress"])
+    run = run_locust(f"http://{cluster.ingress_host}", (cluster.ingress_host, nginx_ip), csv_prefix,
+                     users=20, spawn_rate=10, run_time="60s",
+                     extra=["--fib-n", "20..25", "--slo-fail-ratio", "0", "--slo-fast-p95-ms", str(FAST_P95_MS)])
+    print(run.output[-2500:])
+    total, fast = run.stats.get("Aggregated"), run.stats.get("/fast")
+    assert total and fast, f"no Locust stats:\n{run.output[-3000:]}"
+    requests, failures = int(total["Request Count"]), int(total["Failure Count"])
+    SUMMARY.append(Row("1 locust swarm 60s (20 users)", requests, failures, float(total["50%"]),
+                       float(total["95%"]), float(total["Requests/s"]), f"/fast p95 {fast['95%']} ms"))
+    assert requests > 500, requests
+    assert failures == 0, run.output[-3000:]
+    assert float(fast["95%"]) <= FAST_P95_MS
+    assert run.exit_code == 0, f"Locust's SLO gate failed:\n{run.output[-3000:]}"
+
+
+def test_2_scale_workers_1_3_1_under_load(cluster: Cluster) -> None:
+    """Scale up like the operator (new worker Deployments), down through /api/v1/retire_workers."""
+    phase = 15.0
+
+    def computations_per_second() -> float:
+        # Counted by the API (distinct Dask computations): coalesced requests do not inflate it.
+        before, started = cluster.dask_computations(), time.monotonic()
+        time.sleep(phase)
+        return (cluster.dask_computations() - before) / (time.monotonic() - started)
+
+    with driver(cluster, fast_users=2, fib_users=6, fib_n=(27, 30), fib_think=0.0) as load:
+        time.sleep(3)
+        at_one = computations_per_second()
+        cluster.scale_workers(3)
+        time.sleep(2)
+        at_three = computations_per_second()
+        retired = cluster.scale_workers(1)
+        time.sleep(5)
+    results = load.results
+    print(f"fib computations/s with 1 worker: {at_one:.1f}; with 3 workers: {at_three:.1f} "
+          f"(2 cores, 1 CPU limit per worker); retired {retired}")
+    record("2 scale workers 1->3->1", results, f"fib/s 1w {at_one:.1f}, 3w {at_three:.1f}")
+    assert_no_failures(results)
+    assert len(retired) == 2 and len(cluster.scheduler_workers()) == 1
+    assert at_one > 0 and at_three > 0
+
+
+def test_3_kill_a_worker_mid_load(cluster: Cluster) -> None:
+    cluster.scale_workers(2)
+    victim = cluster.worker_pods()[-1]
+    with driver(cluster, fast_users=2, fib_users=4, fib_n=(27, 30), fib_think=0.0) as load:
+        time.sleep(5)
+        killed_at = time.monotonic()
+        cluster.restart_container(victim)  # SIGKILL; the kubelet starts it again in the same pod
+        time.sleep(15)
+    results = load.results
+    after_kill = results.select("/fib", start=killed_at)
+    record("3 podman kill a worker", results, f"{len(after_kill)} fib after the kill")
+    assert_no_failures(results)
+    assert sum(s.correct for s in after_kill) > 0
+    cluster.wait_for_workers(2)  # the restarted worker rejoined under its Deployment's name
+    assert victim.name in {w["name"] for w in cluster.scheduler_workers()}
+    cluster.scale_workers(1)
+
+
+def test_4_scheduler_outage_is_answered(cluster: Cluster) -> None:
+    """45 s without a scheduler: every request answered (503 + Retry-After), none hangs, the API pods
+    stay alive (their liveness probes pass) and recover within 10 s of the scheduler's return."""
+    api_before = {p.name: cluster.inspect_state(p) for p in cluster.api_pods()}
+    with driver(cluster, fast_users=2, fib_users=4, fib_n=(20, 25), fast_think=0.1, fib_think=0.1) as load:
+        time.sleep(5)
+        stopped_at = time.monotonic()
+        cluster.stop_scheduler()
+        time.sleep(SCHEDULER_OUTAGE_S)
+        restarted_at = time.monotonic()
+        cluster.restart_scheduler()
+        deadline = restarted_at + 30
+        while not any(s.correct for s in load.results.select("/fib", start=restarted_at)):
+            assert time.monotonic() < deadline, "no successful /fib within 30 s of the scheduler's restart"
+            time.sleep(0.2)
+        time.sleep(5)
+    results = load.results
+    outage = [s for s in results.samples if stopped_at <= s.started < restarted_at]
+    first_success = min(s.started + s.latency for s in results.select("/fib", start=restarted_at) if s.correct)
+    recovery = first_success - restarted_at
+    refused = [s for s in results.samples if not s.correct]
+    unready = {p.name: round(cluster.prober.unready_seconds(p.name, stopped_at, restarted_at), 1)
+               for p in cluster.api_pods()}
+    print(f"outage: {len(outage)} requests, statuses {results.statuses()}; first /fib success "
+          f"{recovery:.1f} s after restart; API pods out of the endpoints (readiness) for {unready} s")
+    record("4 scheduler stopped 45s", results, f"recovered in {recovery:.1f}s, {len(refused)} x 503")
+    assert_all_answered(results)
+    assert all(s.status == 503 and s.retry_after for s in refused), {(s.status, s.error[:80]) for s in refused}
+    assert max(s.latency for s in outage) < 35, "a request waited past REQUEST_TIMEOUT during the outage"
+    assert all(s.correct for s in results.select("/fast")), "/fast must not depend on the scheduler"
+    assert recovery <= RECOVERY_S
+    assert not [e for e in cluster.prober.events if e.what == "liveness-restart"], cluster.prober.events
+    assert {p.name: cluster.inspect_state(p) for p in cluster.api_pods()} == api_before, "an API container restarted"
+    cluster.wait_for_workers(1)
+
+
+def test_5_rolling_restart_of_the_api(cluster: Cluster) -> None:
+    """maxSurge 1 / maxUnavailable 0 behind the ingress, with the chart's preStop and grace period."""
+    old = {p.name for p in cluster.api_pods()}
+    with driver(cluster, fast_users=3, fib_users=3, fib_n=(20, 25), fast_think=0.02, fib_think=0.02) as load:
+        time.sleep(3)
+        timings = cluster.rolling_restart_api()
+        time.sleep(3)
+    results = load.results
+    new = {p.name for p in cluster.api_pods()}
+    ratio = len(results.failures) / len(results.samples)
+    print(f"rollout: {timings}; failure ratio {ratio:.5f}; statuses {results.statuses()}")
+    record("5 rolling restart of the API", results, f"failure ratio {ratio:.4f}")
+    assert_all_answered(results)
+    assert not old & new and len(new) == len(old)
+    grace = cluster.api_pods()[0].spec.grace_period()
+    assert all(t["terminated_after_s"] < grace for t in timings), "a pod needed SIGKILL: it did not drain in time"
+    assert ratio <= ROLLOUT_MAX_FAILURE_RATIO, [f.error for f in results.failures[:5]]
+
+
+def test_6_adaptive_target_follows_the_load(cluster: Cluster) -> None:
+    """What the DaskAutoscaler polls every 5 s: above the worker count under load, back down after."""
+    workers = len(cluster.scheduler_workers())
+    targets: list[int] = []
+    # Many distinct n: identical requests share one computation (coalescing), which would hide the
+    # queue from the scheduler. 28..35 keeps each API pod's queue under its admission limit.
+    with driver(cluster, fast_users=0, fib_users=24, fib_n=(28, 35), fib_think=0.0) as load:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and (len(targets) < 10 or max(targets) <= workers):
+            targets.append(cluster.scheduler_api("adaptive_target")["workers"])
+            time.sleep(1)
+    peak = max(targets)
+    after = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after.append(cluster.scheduler_api("adaptive_target")["workers"])
+        if after[-1] <= workers:
+            break
+        time.sleep(1)
+    print(f"adaptive_target with {workers} worker(s): under load {targets}, after {after}")
+    record("6 adaptive target under fib load", load.results, f"target peak {peak}, then {after[-1]}")
+    assert peak > workers
+    assert after[-1] < peak and after[-1] <= workers
+
