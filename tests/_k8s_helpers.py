@@ -45,13 +45,20 @@ RECOMMENDED_LABELS = (
 )
 
 
-def run(cmd: list[str], *, timeout: float = 300, env: dict[str, str] | None = None, check: bool = True,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str],
+    *,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a command, failing with its output (not just the exit code) when it fails."""
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+            f"{' '.join(cmd)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
         )
     return result
 
@@ -77,8 +84,14 @@ def load_documents(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def helm_template(values: Path | None = None, *, release: str = BASE_RELEASE, namespace: str = BASE_NAMESPACE,
-                  set_values: Iterable[str] = (), include_hooks: bool = True) -> list[dict[str, Any]]:
+def helm_template(
+    values: Path | None = None,
+    *,
+    release: str = BASE_RELEASE,
+    namespace: str = BASE_NAMESPACE,
+    set_values: Iterable[str] = (),
+    include_hooks: bool = True,
+) -> list[dict[str, Any]]:
     cmd = [helm(), "template", release, str(CHART), "--namespace", namespace]
     if values is not None:
         cmd += ["--values", str(values)]
@@ -90,7 +103,9 @@ def helm_template(values: Path | None = None, *, release: str = BASE_RELEASE, na
 
 
 def kustomize(directory: Path) -> list[dict[str, Any]]:
-    kubectl = require_tool("kubectl", "https://kubernetes.io/docs/tasks/tools/ (kubectl >= 1.27 has kustomize built in)")
+    kubectl = require_tool(
+        "kubectl", "https://kubernetes.io/docs/tasks/tools/ (kubectl >= 1.27 has kustomize built in)"
+    )
     return load_documents(run([kubectl, "kustomize", str(directory)], timeout=120).stdout)
 
 
@@ -106,6 +121,7 @@ def one(documents: Iterable[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 # --- schema validation ----------------------------------------------------------------------------
 
+
 def is_dask_resource(doc: dict[str, Any]) -> bool:
     return doc["apiVersion"].split("/")[0] == DASK_GROUP
 
@@ -116,14 +132,18 @@ def validate_kubernetes(doc: dict[str, Any], version: str) -> None:
         kubernetes_validate.validate(doc, version, strict=True)
     except kubernetes_validate.ValidationError as exc:
         path = "/".join(str(part) for part in exc.path)
-        raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']} invalid for {version} at {path}: {exc.message}")
+        raise AssertionError(
+            f"{doc['kind']}/{doc['metadata']['name']} invalid for {version} at {path}: {exc.message}"
+        ) from None
 
 
 def crd_path(kind: str) -> Path:
     """The CRD the installed dask-kubernetes ships (the operator chart's fully resolved copy)."""
     import dask_kubernetes
 
-    crds = Path(dask_kubernetes.__file__).parent / "operator" / "deployment" / "helm" / "dask-kubernetes-operator" / "crds"
+    crds = (
+        Path(dask_kubernetes.__file__).parent / "operator" / "deployment" / "helm" / "dask-kubernetes-operator" / "crds"
+    )
     return crds / f"{kind.lower()}.yaml"
 
 
@@ -132,9 +152,12 @@ def _forbid_unknown_fields(schema: Any) -> Any:
     no x-kubernetes-preserve-unknown-fields reject anything else (like kubectl --validate=strict)."""
     if isinstance(schema, dict):
         schema = {key: _forbid_unknown_fields(value) for key, value in schema.items()}
-        if (schema.get("type") == "object" and "properties" in schema
-                and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         return schema
     if isinstance(schema, list):
@@ -167,8 +190,18 @@ def embedded_objects(doc: dict[str, Any]) -> list[dict[str, Any]]:
     name = doc["metadata"]["name"]
     spec = doc["spec"]
     return [
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-scheduler"}, "spec": spec["scheduler"]["spec"]},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"{name}-scheduler"}, "spec": spec["scheduler"]["service"]},
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-scheduler"},
+            "spec": spec["scheduler"]["spec"],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": f"{name}-scheduler"},
+            "spec": spec["scheduler"]["service"],
+        },
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-worker"}, "spec": spec["worker"]["spec"]},
     ]
 
@@ -187,6 +220,7 @@ def validate_all(documents: list[dict[str, Any]]) -> None:
 
 
 # --- pods, as the cluster will run them -------------------------------------------------------------
+
 
 def operator_pods(daskcluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The scheduler and one worker pod (metadata + spec) exactly as the installed operator builds
@@ -271,8 +305,16 @@ def assert_restricted(name: str, spec: dict[str, Any]) -> None:
     for flag in ("hostNetwork", "hostPID", "hostIPC"):
         assert not spec.get(flag), (name, flag)
     for volume in spec.get("volumes", []):
-        assert set(volume) - {"name"} <= {"emptyDir", "secret", "configMap", "projected", "downwardAPI",
-                                          "persistentVolumeClaim", "ephemeral", "csi"}, (name, volume)
+        assert set(volume) - {"name"} <= {
+            "emptyDir",
+            "secret",
+            "configMap",
+            "projected",
+            "downwardAPI",
+            "persistentVolumeClaim",
+            "ephemeral",
+            "csi",
+        }, (name, volume)
     assert spec.get("automountServiceAccountToken") is False, name
     assert spec.get("enableServiceLinks") is False, (name, "service links inject *_PORT variables")
     for container in spec.get("initContainers", []) + spec["containers"]:
@@ -289,12 +331,15 @@ def assert_restricted(name: str, spec: dict[str, Any]) -> None:
         assert seccomp.get("type") == "RuntimeDefault", where
         assert security.get("readOnlyRootFilesystem") is True, where
         assert any(mount["mountPath"] == "/tmp" for mount in container.get("volumeMounts", [])), (
-            where, "read-only root needs a writable /tmp")
+            where,
+            "read-only root needs a writable /tmp",
+        )
         assert container.get("resources", {}).get("limits", {}).get("memory"), (where, "memory limit")
         assert "ports" not in container or all("hostPort" not in p for p in container["ports"]), where
 
 
 # --- podman ----------------------------------------------------------------------------------------
+
 
 def podman_env() -> dict[str, str]:
     return os.environ | {"CONTAINERS_CONF": str(CONTAINERS_CONF)}

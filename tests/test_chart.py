@@ -18,7 +18,6 @@ import dask.utils
 import httpx
 import pytest
 import yaml
-
 from _k8s_helpers import (
     CHART,
     CI_VALUES,
@@ -56,10 +55,13 @@ def default_render() -> list[dict[str, Any]]:
 
 def values(path: Path | None = None) -> dict[str, Any]:
     """Effective values: defaults overlaid with a ci values file (maps merge, lists replace, like helm)."""
+
     def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         merged = copy.deepcopy(base)
         for key, value in override.items():
-            merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+            merged[key] = (
+                merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+            )
         return merged
 
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -79,6 +81,7 @@ def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --- lint and schemas ---------------------------------------------------------------------------------
+
 
 def test_helm_lint_strict_with_defaults() -> None:
     result = run([helm(), "lint", "--strict", str(CHART)])
@@ -132,6 +135,7 @@ def test_values_schema_rejects_typos() -> None:
 
 # --- contracts with the application ---------------------------------------------------------------------
 
+
 def test_probe_paths_are_routes_the_real_app_serves(default_render: list[dict[str, Any]], embedded_server) -> None:
     """Start the real app (conftest's embedded server) and call every probe path of the API pod."""
     container = api_container(default_render)
@@ -152,7 +156,9 @@ def test_api_command_and_config(rendered: list[dict[str, Any]], request: pytest.
     command = container["command"]
     assert command[:2] == ["compute-api", "serve"]
     assert command[command.index("--host") + 1] == "0.0.0.0"
-    assert command[command.index("--port") + 1] == str(next(p["containerPort"] for p in container["ports"] if p["name"] == "http"))
+    assert command[command.index("--port") + 1] == str(
+        next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    )
     graceful = command[command.index("--timeout-graceful-shutdown") + 1]
     config = one(rendered, "ConfigMap")["data"]
     assert config["GRACEFUL_SHUTDOWN_TIMEOUT"] == graceful
@@ -186,6 +192,7 @@ def test_keepalive_outlives_the_ingress(rendered: list[dict[str, Any]]) -> None:
 
 
 # --- contracts with the dask-kubernetes operator --------------------------------------------------------
+
 
 def test_scheduler_address_is_the_operator_service(rendered: list[dict[str, Any]]) -> None:
     cluster = daskcluster(rendered)
@@ -329,6 +336,7 @@ def test_no_tls_settings_without_tls(default_render: list[dict[str, Any]]) -> No
 
 # --- security ------------------------------------------------------------------------------------------
 
+
 def test_every_pod_is_pss_restricted(rendered: list[dict[str, Any]]) -> None:
     pods = pod_templates(rendered)
     assert {key.split("/")[0] for key in pods} >= {"Deployment", "DaskCluster", "Pod"}
@@ -357,6 +365,7 @@ def test_one_image_for_all_roles(rendered: list[dict[str, Any]]) -> None:
 
 # --- NetworkPolicies -------------------------------------------------------------------------------------
 
+
 def _policy(documents: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
     (policy,) = [p for p in by_kind(documents, "NetworkPolicy") if p["metadata"]["name"].endswith(suffix)]
     return policy
@@ -368,7 +377,11 @@ def _peers_allow_pod(policy: dict[str, Any], port_name: str, labels: dict[str, s
         if rule.get("ports") and not any(p.get("port") == port_name for p in rule["ports"]):
             continue
         for peer in rule.get("from", []):
-            if "podSelector" in peer and "namespaceSelector" not in peer and selector_matches(peer["podSelector"], labels):
+            if (
+                "podSelector" in peer
+                and "namespaceSelector" not in peer
+                and selector_matches(peer["podSelector"], labels)
+            ):
                 return True
     return False
 
@@ -400,12 +413,17 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
     for suffix, expected in selects.items():
         policy = _policy(default_render, suffix)
         assert policy["spec"]["policyTypes"] == ["Ingress"]
-        selected = {name for name, labels in everyone.items() if selector_matches(policy["spec"]["podSelector"], labels)}
+        selected = {
+            name for name, labels in everyone.items() if selector_matches(policy["spec"]["podSelector"], labels)
+        }
         assert selected == expected, (suffix, selected)
 
     scheduler_policy = _policy(default_render, "-scheduler")
     # 8786 executes whatever it is sent: only the API and the workers.
-    assert {n for n, labels in everyone.items() if _peers_allow_pod(scheduler_policy, "tcp-comm", labels)} == {"api", "worker"}
+    assert {n for n, labels in everyone.items() if _peers_allow_pod(scheduler_policy, "tcp-comm", labels)} == {
+        "api",
+        "worker",
+    }
     assert _namespaces_allowed(scheduler_policy, "tcp-comm") == set()
     # The dashboard / HTTP API: the operator's namespace only, never the ingress controller.
     assert _namespaces_allowed(scheduler_policy, "http-dashboard") == {"dask-operator"}
@@ -413,7 +431,10 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
 
     worker_policy = _policy(default_render, "-worker")
     for port in ("tcp-worker", "tcp-nanny"):
-        assert {n for n, labels in everyone.items() if _peers_allow_pod(worker_policy, port, labels)} == {"scheduler", "worker"}
+        assert {n for n, labels in everyone.items() if _peers_allow_pod(worker_policy, port, labels)} == {
+            "scheduler",
+            "worker",
+        }
         assert _namespaces_allowed(worker_policy, port) == set()
 
     api_policy = _policy(default_render, "-api")
@@ -433,6 +454,7 @@ def test_network_policies_can_be_disabled() -> None:
 
 
 # --- API objects ------------------------------------------------------------------------------------------
+
 
 def test_ingress_routes_only_to_the_api(rendered: list[dict[str, Any]]) -> None:
     service = one(rendered, "Service")
@@ -455,8 +477,11 @@ def test_ingress_options() -> None:
 
 def test_api_service_selects_only_api_pods(rendered: list[dict[str, Any]]) -> None:
     service = one(rendered, "Service")
-    matched = [name for name, pod in pod_templates(rendered).items()
-               if selector_matches({"matchLabels": service["spec"]["selector"]}, pod["metadata"]["labels"])]
+    matched = [
+        name
+        for name, pod in pod_templates(rendered).items()
+        if selector_matches({"matchLabels": service["spec"]["selector"]}, pod["metadata"]["labels"])
+    ]
     assert matched == [f"Deployment/{one(rendered, 'Deployment')['metadata']['name']}"], matched
 
 
@@ -473,7 +498,11 @@ def test_hpa_and_pdb() -> None:
     hpa = one(scaled, "HorizontalPodAutoscaler")
     deployment = one(scaled, "Deployment")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     assert "replicas" not in deployment["spec"], "the HPA owns replicas"
     pdb = one(scaled, "PodDisruptionBudget")
     assert selector_matches(pdb["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
@@ -485,7 +514,10 @@ def test_helm_test_hook_calls_the_api(default_render: list[dict[str, Any]]) -> N
     script = "\n".join(pod["spec"]["containers"][0]["command"])
     assert '"/fast"' in script and '"/fib/10"' in script and "55" in script
     service = one(default_render, "Service")
-    assert pod["spec"]["containers"][0]["command"][-1] == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert (
+        pod["spec"]["containers"][0]["command"][-1]
+        == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    )
 
 
 def test_recommended_labels_on_every_object(rendered: list[dict[str, Any]]) -> None:
@@ -503,12 +535,19 @@ def test_recommended_labels_on_every_object(rendered: list[dict[str, Any]]) -> N
 def test_notes_explain_ingress_scaling_and_dashboard() -> None:
     result = run([helm(), "install", "compute-api", str(CHART), "--dry-run=client", "--namespace", NAMESPACE])
     notes = result.stdout.split("NOTES:", 1)[1]
-    for expected in ("kubectl get ingress compute-api", "kubectl scale daskworkergroup compute-api-default",
-                     "port-forward", "svc/compute-api-scheduler 8787", "helm upgrade", "dask-kubernetes-operator"):
+    for expected in (
+        "kubectl get ingress compute-api",
+        "kubectl scale daskworkergroup compute-api-default",
+        "port-forward",
+        "svc/compute-api-scheduler 8787",
+        "helm upgrade",
+        "dask-kubernetes-operator",
+    ):
         assert expected in notes, expected
 
 
 # --- scaling the workers: every documented way -------------------------------------------------------------
+
 
 def test_every_way_to_scale_workers_is_wired() -> None:
     """DaskAutoscaler (default), `kubectl scale daskworkergroup <name>-default` (the CRD's scale
@@ -516,9 +555,8 @@ def test_every_way_to_scale_workers_is_wired() -> None:
     (the operator propagates DaskCluster spec.worker.replicas to that group)."""
     import inspect
 
-    from dask_kubernetes.operator.controller import controller
-
     from _k8s_helpers import crd_path
+    from dask_kubernetes.operator.controller import controller
 
     documents = helm_template(set_values=["dask.worker.replicas=5", "dask.autoscaler.enabled=false"])
     cluster = daskcluster(documents)

@@ -19,7 +19,6 @@ from typing import Any
 import distributed
 import httpx
 import pytest
-
 from _k8s_helpers import (
     BASE_NAMESPACE,
     CHART,
@@ -63,13 +62,34 @@ class Pods:
         self.networks.append(name)
         return name
 
-    def run(self, name: str, command: list[str], *, env: dict[str, str] | None = None, network: str | None = None,
-            aliases: tuple[str, ...] = (), publish: dict[int, int] | None = None,
-            volumes: tuple[str, ...] = ()) -> str:
+    def run(
+        self,
+        name: str,
+        command: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        network: str | None = None,
+        aliases: tuple[str, ...] = (),
+        publish: dict[int, int] | None = None,
+        volumes: tuple[str, ...] = (),
+    ) -> str:
         """A detached container shaped like the pods: non-root, read-only root, /tmp writable."""
         container = f"{name}-{self.suffix}"
-        args = ["run", "--detach", "--name", container, "--read-only", "--tmpfs", "/tmp:rw,mode=1777",
-                "--user", f"{UID}:{UID}", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+        args = [
+            "run",
+            "--detach",
+            "--name",
+            container,
+            "--read-only",
+            "--tmpfs",
+            "/tmp:rw,mode=1777",
+            "--user",
+            f"{UID}:{UID}",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+        ]
         if network:
             args += ["--network", network]
         for alias in aliases:
@@ -109,6 +129,7 @@ def pods(image: str) -> Iterator[Pods]:
 def wait_http(url: str, timeout: float, pods: Pods) -> None:
     def ok() -> bool:
         return httpx.get(url, timeout=3).status_code == 200
+
     try:
         wait_until(ok, timeout, interval=0.5, what=url)
     except TimeoutError as exc:
@@ -116,6 +137,7 @@ def wait_http(url: str, timeout: float, pods: Pods) -> None:
 
 
 # --- the image itself ------------------------------------------------------------------------------
+
 
 def test_image_config(image: str) -> None:
     config = image_config(image)
@@ -164,6 +186,7 @@ def test_embedded_api_runs_read_only_as_non_root(pods: Pods) -> None:
 
 # --- the chart's pods, in containers -------------------------------------------------------------------
 
+
 def chart_pods(values_file: Path | None = None) -> dict[str, Any]:
     """Command, env and ports of the API, scheduler and worker containers as the chart and the
     operator define them (release compute-api, namespace compute-api)."""
@@ -191,25 +214,43 @@ def chart_pods(values_file: Path | None = None) -> dict[str, Any]:
 def start_cluster(pods: Pods, spec: dict[str, Any], volumes: tuple[str, ...] = ()) -> dict[str, str]:
     network = pods.network()
     dashboard, api_port = free_port(), free_port()
-    pods.run("scheduler", spec["scheduler"]["command"], env=spec["scheduler"]["env"], network=network,
-             aliases=spec["scheduler_aliases"], publish={dashboard: 8787}, volumes=volumes)
+    pods.run(
+        "scheduler",
+        spec["scheduler"]["command"],
+        env=spec["scheduler"]["env"],
+        network=network,
+        aliases=spec["scheduler_aliases"],
+        publish={dashboard: 8787},
+        volumes=volumes,
+    )
     wait_http(f"http://127.0.0.1:{dashboard}/health", 60, pods)
     pods.run("worker", spec["worker"]["command"], env=spec["worker"]["env"], network=network, volumes=volumes)
-    pods.run("api", spec["api"]["command"], env=spec["api"]["env"], network=network, aliases=(spec["api_alias"],),
-             publish={api_port: 8000}, volumes=volumes)
+    pods.run(
+        "api",
+        spec["api"]["command"],
+        env=spec["api"]["env"],
+        network=network,
+        aliases=(spec["api_alias"],),
+        publish={api_port: 8000},
+        volumes=volumes,
+    )
     urls = {"network": network, "dashboard": f"http://127.0.0.1:{dashboard}", "api": f"http://127.0.0.1:{api_port}"}
+
     # The worker has registered (under the operator's name) and the API is ready.
     def worker_registered() -> bool:
         workers = httpx.get(f"{urls['dashboard']}/api/v1/get_workers", timeout=3).json()["workers"]
         return [w["name"] for w in workers] == [spec["worker_name"]]
+
     try:
         wait_until(worker_registered, 90, interval=0.5, what="worker registered with the scheduler")
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{pods.logs()}") from None
+
     # ... and the API has seen it (it answers 503 "no workers" until its cached count refreshes).
     def api_sees_worker() -> bool:
         response = httpx.get(f"{urls['api']}/readyz", timeout=3)
         return response.status_code == 200 and response.json().get("workers", 0) >= 1
+
     try:
         wait_until(api_sees_worker, 120, interval=0.5, what="API ready with one worker")
     except TimeoutError as exc:
@@ -220,8 +261,11 @@ def start_cluster(pods: Pods, spec: dict[str, Any], volumes: tuple[str, ...] = (
 def computed_on_dask(api: str) -> float:
     """compute_api_computations_total{where="dask"}: proves a request went through the cluster
     (small n may be computed inline in the API process)."""
-    return sum(value for name, value in scrape(api).items()
-               if name.startswith("compute_api_computations_total") and 'where="dask"' in name)
+    return sum(
+        value
+        for name, value in scrape(api).items()
+        if name.startswith("compute_api_computations_total") and 'where="dask"' in name
+    )
 
 
 def test_chart_pods_run_the_remote_cluster(pods: Pods) -> None:
@@ -241,8 +285,21 @@ def test_chart_pods_run_the_remote_cluster(pods: Pods) -> None:
     # container's 8000; podman has no Service, so the URL goes straight to the target port.
     test_command = list(spec["helm_test"])
     test_command[-1] = test_command[-1].replace(f":{spec['api_service_port']}", ":8000")
-    result = podman("run", "--rm", "--network", urls["network"], "--read-only", "--tmpfs", "/tmp",
-                    "--user", f"{UID}:{UID}", pods.image, *test_command, timeout=120, check=False)
+    result = podman(
+        "run",
+        "--rm",
+        "--network",
+        urls["network"],
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--user",
+        f"{UID}:{UID}",
+        pods.image,
+        *test_command,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0 and "ok:" in result.stdout, result.stdout + result.stderr + pods.logs()
 
 
@@ -251,12 +308,57 @@ def make_tls_secret(directory: Path) -> Path:
     tls.crt, tls.key). distributed does not check host names, only the chain (mutual auth)."""
     openssl = require_tool("openssl", "apt-get install -y openssl")
     directory.mkdir()
-    run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=compute-api-ca",
-         "-keyout", str(directory / "ca.key"), "-out", str(directory / "ca.crt")])
-    run([openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=compute-api-dask",
-         "-keyout", str(directory / "tls.key"), "-out", str(directory / "tls.csr")])
-    run([openssl, "x509", "-req", "-in", str(directory / "tls.csr"), "-CA", str(directory / "ca.crt"),
-         "-CAkey", str(directory / "ca.key"), "-CAcreateserial", "-days", "2", "-out", str(directory / "tls.crt")])
+    run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=compute-api-ca",
+            "-keyout",
+            str(directory / "ca.key"),
+            "-out",
+            str(directory / "ca.crt"),
+        ]
+    )
+    run(
+        [
+            openssl,
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=compute-api-dask",
+            "-keyout",
+            str(directory / "tls.key"),
+            "-out",
+            str(directory / "tls.csr"),
+        ]
+    )
+    run(
+        [
+            openssl,
+            "x509",
+            "-req",
+            "-in",
+            str(directory / "tls.csr"),
+            "-CA",
+            str(directory / "ca.crt"),
+            "-CAkey",
+            str(directory / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            str(directory / "tls.crt"),
+        ]
+    )
     (directory / "ca.key").unlink()
     for path in directory.iterdir():
         path.chmod(0o444)  # the Secret volume's files are readable by the pod's group; here by anyone
@@ -279,15 +381,30 @@ def test_chart_pods_with_mutual_tls(pods: Pods, tmp_path: Path) -> None:
     plain = spec["scheduler_aliases"][0]
     probe = (
         "import sys\nfrom distributed import Client\n"
-        f"try:\n    Client('tcp://{plain}:8786', timeout=5)\nexcept Exception as exc:\n    print('refused', type(exc).__name__)\n"
+        f"try:\n    Client('tcp://{plain}:8786', timeout=5)\n"
+        "except Exception as exc:\n    print('refused', type(exc).__name__)\n"
         "else:\n    sys.exit('plain TCP accepted')\n"
     )
-    result = podman("run", "--rm", "--network", urls["network"], "--read-only", "--tmpfs", "/tmp",
-                    pods.image, "python3", "-c", probe, timeout=120, check=False)
+    result = podman(
+        "run",
+        "--rm",
+        "--network",
+        urls["network"],
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        pods.image,
+        "python3",
+        "-c",
+        probe,
+        timeout=120,
+        check=False,
+    )
     assert "refused" in result.stdout, result.stdout + result.stderr
 
 
 # --- scripts ----------------------------------------------------------------------------------------------
+
 
 def test_scripts_pass_shellcheck() -> None:
     shellcheck = require_tool("shellcheck", "sudo scripts/install-test-tools.sh  (apt-get install -y shellcheck)")
@@ -300,5 +417,7 @@ def test_scripts_pass_shellcheck() -> None:
 def test_install_scripts_are_idempotent() -> None:
     """A second run finds everything installed and changes nothing (what `make test` relies on)."""
     for script in ("install-test-tools.sh", "install-podman.sh", "install-helm.sh", "base-image.sh"):
-        result = run([str(SCRIPTS / script)], timeout=300, env=os.environ | {"CONTAINERS_CONF": str(SCRIPTS / "containers.conf")})
+        result = run(
+            [str(SCRIPTS / script)], timeout=300, env=os.environ | {"CONTAINERS_CONF": str(SCRIPTS / "containers.conf")}
+        )
         assert "apt-get" not in result.stdout and "Setting up" not in result.stdout, (script, result.stdout)

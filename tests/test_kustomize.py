@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from _k8s_helpers import (
     BASE_NAMESPACE,
     BASE_RELEASE,

@@ -93,12 +93,22 @@ def test_dropped_queued_request_releases_its_task(tmp_path: Path) -> None:
                     busy = asyncio.ensure_future(client.get("/fib/33"))
                     await asyncio.sleep(0.5)
                     dropped = await asyncio.to_thread(drop_request, server.port, "/fib/31")
-                    await asyncio.to_thread(wait_until, lambda: any(
-                        k.startswith("fib-31-") for k in scheduler_keys(cluster)), 5, 0.1, "fib(31) queued")
+                    await asyncio.to_thread(
+                        wait_until,
+                        lambda: any(k.startswith("fib-31-") for k in scheduler_keys(cluster)),
+                        5,
+                        0.1,
+                        "fib(31) queued",
+                    )
                     dropped.close()
                     t0 = time.perf_counter()
-                    await asyncio.to_thread(wait_until, lambda: not any(
-                        k.startswith("fib-31-") for k in scheduler_keys(cluster)), 5, 0.05, "fib(31) released")
+                    await asyncio.to_thread(
+                        wait_until,
+                        lambda: not any(k.startswith("fib-31-") for k in scheduler_keys(cluster)),
+                        5,
+                        0.05,
+                        "fib(31) released",
+                    )
                     print(f"dropped request's task released after {(time.perf_counter() - t0) * 1000:.0f} ms")
                     assert not busy.done(), "the release must not wait for the busy worker"
                     assert (await busy).json()["value"] == 3524578
@@ -111,7 +121,9 @@ def test_dropped_queued_request_releases_its_task(tmp_path: Path) -> None:
         cluster.close()
 
 
-def test_coalesced_request_survives_another_clients_disconnect(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
+def test_coalesced_request_survives_another_clients_disconnect(
+    tmp_path: Path, dask_cluster_procs: DaskProcesses
+) -> None:
     with remote_server(tmp_path, dask_cluster_procs) as server:
         before = metric(server.url, 'compute_api_computations_total{where="dask"}')
 

@@ -29,7 +29,7 @@ def test_twenty_concurrent_distinct_requests_are_all_correct(embedded_server: Se
             return await asyncio.gather(*(client.get(f"/fib/{n}") for n in ns))
 
     responses = asyncio.run(run())
-    for n, r in zip(ns, responses):
+    for n, r in zip(ns, responses, strict=True):
         assert r.status_code == 200, r.text
         assert r.json() == {"n": n, "value": KNOWN.get(n, r.json()["value"])}
         assert r.json()["value"] == _fib(n)
@@ -63,8 +63,10 @@ def test_fast_is_not_blocked_by_a_running_fib(embedded_server: ServerProcess) ->
 
     fib_duration, fast_times = asyncio.run(run())
     worst = max(fast_times)
-    print(f"fib(32) took {fib_duration * 1000:.0f} ms; {len(fast_times)} /fast meanwhile, worst {worst * 1000:.1f} ms "
-          f"({worst / fib_duration:.2%} of the fib)")
+    print(
+        f"fib(32) took {fib_duration * 1000:.0f} ms; {len(fast_times)} /fast meanwhile, worst {worst * 1000:.1f} ms "
+        f"({worst / fib_duration:.2%} of the fib)"
+    )
     assert len(fast_times) >= 3
     assert worst < 0.10 * fib_duration
 
@@ -125,6 +127,7 @@ def test_sigterm_finishes_in_flight_requests(tmp_path) -> None:
     """Graceful shutdown: a request in flight when SIGTERM arrives still gets its answer."""
     server = ServerProcess(tmp_path, env={"EMBEDDED_WORKERS": "1"}).start()
     try:
+
         async def run() -> httpx.Response:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 pending = asyncio.ensure_future(client.get("/fib/30"))
