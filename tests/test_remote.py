@@ -44,7 +44,7 @@ def test_scheduler_outage_longer_than_connect_timeout(tmp_path: Path, dask_clust
 
         async def in_flight_at_loss() -> tuple[httpx.Response, float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-                pending = asyncio.ensure_future(client.get("/fib/33"))
+                pending = asyncio.ensure_future(client.get("/fib/35"))  # ~1.5 s on an idle core
                 await asyncio.sleep(0.5)
                 await asyncio.to_thread(cluster.stop_scheduler, kill=True)
                 lost = time.perf_counter()
@@ -90,7 +90,7 @@ def test_dropped_queued_request_releases_its_task(tmp_path: Path) -> None:
 
             async def scenario() -> None:
                 async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                    busy = asyncio.ensure_future(client.get("/fib/33"))
+                    busy = asyncio.ensure_future(client.get("/fib/35"))  # ~1.5 s: outlasts the steps below
                     await asyncio.sleep(0.5)
                     dropped = await asyncio.to_thread(drop_request, server.port, "/fib/31")
                     await asyncio.to_thread(
@@ -111,7 +111,7 @@ def test_dropped_queued_request_releases_its_task(tmp_path: Path) -> None:
                     )
                     print(f"dropped request's task released after {(time.perf_counter() - t0) * 1000:.0f} ms")
                     assert not busy.done(), "the release must not wait for the busy worker"
-                    assert (await busy).json()["value"] == 3524578
+                    assert (await busy).json()["value"] == 9227465
 
             asyncio.run(scenario())
             wait_until(lambda: scheduler_keys(cluster) == [], 10, what="no tasks left on the scheduler")
@@ -129,15 +129,17 @@ def test_coalesced_request_survives_another_clients_disconnect(
 
         async def scenario() -> httpx.Response:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                dropped = await asyncio.to_thread(drop_request, server.port, "/fib/31")
+                # fib(35) (~1.5 s on an idle core) outlasts the 0.6 s this takes: the kept request
+                # must find the dropped one's computation still running.
+                dropped = await asyncio.to_thread(drop_request, server.port, "/fib/35")
                 await asyncio.sleep(0.3)
-                kept = asyncio.ensure_future(client.get("/fib/31"))
+                kept = asyncio.ensure_future(client.get("/fib/35"))
                 await asyncio.sleep(0.3)
                 dropped.close()
                 return await kept
 
         r = asyncio.run(scenario())
-        assert r.json() == {"n": 31, "value": 1346269}
+        assert r.json() == {"n": 35, "value": 9227465}
         assert metric(server.url, 'compute_api_computations_total{where="dask"}') == before + 1
         assert metric(server.url, "compute_api_coalesced_requests_total") == 1
         assert metric(server.url, "compute_api_released_computations_total") == 0
@@ -164,7 +166,7 @@ def test_no_workers_is_a_fast_503(tmp_path: Path) -> None:
 def test_request_timeout_is_a_504(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
     with remote_server(tmp_path, dask_cluster_procs, REQUEST_TIMEOUT="0.5", MAX_QUEUE_WAIT="30") as server:
         t0 = time.perf_counter()
-        r = httpx.get(f"{server.url}/fib/33", timeout=10)
+        r = httpx.get(f"{server.url}/fib/35", timeout=10)  # ~1.5 s of work against a 0.5 s timeout
         assert r.status_code == 504 and r.json()["error"] == "timeout"
         assert time.perf_counter() - t0 < 5
         # the abandoned computation is released, the service keeps serving
