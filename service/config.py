@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 import dask.config
@@ -115,6 +115,3 @@ class Settings:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    def replace(self, **changes: Any) -> Settings:
-        return replace(self, **changes)

@@ -258,6 +258,13 @@ def start_cluster(pods: Pods, spec: dict[str, Any], volumes: tuple[str, ...] = (
     return urls
 
 
+def run_on_network(network: str, image: str, *command: str, user: str | None = None) -> Any:
+    """A one-off read-only container on the cluster's network (``check=False``: callers inspect it)."""
+    options = ["--user", user] if user else []
+    return podman("run", "--rm", "--network", network, "--read-only", "--tmpfs", "/tmp", *options, image, *command,
+                  timeout=120, check=False)
+
+
 def computed_on_dask(api: str) -> float:
     """compute_api_computations_total{where="dask"}: proves a request went through the cluster
     (small n may be computed inline in the API process)."""
@@ -285,21 +292,7 @@ def test_chart_pods_run_the_remote_cluster(pods: Pods) -> None:
     # container's 8000; podman has no Service, so the URL goes straight to the target port.
     test_command = list(spec["helm_test"])
     test_command[-1] = test_command[-1].replace(f":{spec['api_service_port']}", ":8000")
-    result = podman(
-        "run",
-        "--rm",
-        "--network",
-        urls["network"],
-        "--read-only",
-        "--tmpfs",
-        "/tmp",
-        "--user",
-        f"{UID}:{UID}",
-        pods.image,
-        *test_command,
-        timeout=120,
-        check=False,
-    )
+    result = run_on_network(urls["network"], pods.image, *test_command, user=f"{UID}:{UID}")
     assert result.returncode == 0 and "ok:" in result.stdout, result.stdout + result.stderr + pods.logs()
 
 
@@ -385,21 +378,7 @@ def test_chart_pods_with_mutual_tls(pods: Pods, tmp_path: Path) -> None:
         "except Exception as exc:\n    print('refused', type(exc).__name__)\n"
         "else:\n    sys.exit('plain TCP accepted')\n"
     )
-    result = podman(
-        "run",
-        "--rm",
-        "--network",
-        urls["network"],
-        "--read-only",
-        "--tmpfs",
-        "/tmp",
-        pods.image,
-        "python3",
-        "-c",
-        probe,
-        timeout=120,
-        check=False,
-    )
+    result = run_on_network(urls["network"], pods.image, "python3", "-c", probe)
     assert "refused" in result.stdout, result.stdout + result.stderr
 
 

@@ -11,8 +11,6 @@ import psutil
 import pytest
 from conftest import ServerProcess, scrape
 
-KNOWN = {0: 0, 1: 1, 2: 1, 5: 5, 10: 55, 15: 610, 20: 6765, 21: 10946, 22: 17711, 23: 28657, 24: 46368, 25: 75025}
-
 
 @pytest.mark.parametrize(("n", "value"), [(20, 6765), (0, 0), (1, 1)])
 def test_fib(embedded_server: ServerProcess, n: int, value: int) -> None:
@@ -31,8 +29,7 @@ def test_twenty_concurrent_distinct_requests_are_all_correct(embedded_server: Se
     responses = asyncio.run(run())
     for n, r in zip(ns, responses, strict=True):
         assert r.status_code == 200, r.text
-        assert r.json() == {"n": n, "value": KNOWN.get(n, r.json()["value"])}
-        assert r.json()["value"] == _fib(n)
+        assert r.json() == {"n": n, "value": _fib(n)}
 
 
 def _fib(n: int) -> int:
