@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +17,7 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from service import __version__
-from service.backend import Abandoned, Backend, ComputeFailed, ComputeTimeout, Done, Unavailable
+from service.backend import Abandoned, Backend, ComputeFailed, ComputeTimeout, Unavailable
 from service.config import Settings
 from service.metrics import Metrics, MetricsMiddleware
 from service.tasks import Task
@@ -88,7 +87,7 @@ async def index(request: Request) -> JSONResponse:
                 "/fast": "answers at once, no computation",
                 "/fib/{n}": f"naive recursive Fibonacci on the Dask cluster, 0 <= n <= {max_n}",
                 "/healthz": "liveness: the process and its event loop are alive",
-                "/readyz": "readiness: connected to a running Dask scheduler",
+                "/readyz": "readiness: able to compute (a scheduler with workers, or scale from zero)",
                 "/metrics": "Prometheus metrics",
                 "/openapi.json": "OpenAPI schema",
             },
@@ -135,17 +134,7 @@ async def fib(request: Request) -> Response:
         return error(422, "invalid_n", str(exc))
     backend: Backend = request.app.state.backend
     try:
-        job = backend.submit("fib", n)
-        if isinstance(job, Done):
-            value = job.value
-        else:
-            # A request nobody waits for any more must release its queued task instead of
-            # occupying a worker: wait for the result or the client's disconnect, whichever first.
-            gone = asyncio.ensure_future(_client_gone(request))
-            try:
-                value = await backend.wait(job, abandoned=gone)
-            finally:
-                gone.cancel()
+        value = await backend.compute("fib", n, disconnected=lambda: _client_gone(request))
     except Unavailable as exc:
         return error(503, "unavailable", exc.detail, headers={"Retry-After": str(exc.retry_after)})
     except ComputeTimeout as exc:
@@ -171,16 +160,18 @@ async def readyz(request: Request) -> JSONResponse:
     """
     responses:
       '200':
-        description: Connected to a running Dask scheduler.
+        description: Able to serve a computation (a running scheduler with workers, or scale from zero).
       '503':
-        description: Not connected to a scheduler (yet, or any more).
+        description: No scheduler connected (yet, or any more), or no workers and no cold-start queue.
     """
     backend: Backend = request.app.state.backend
-    body: dict[str, Any] = {"scheduler": backend.address, "workers": backend.workers}
-    if backend.ready:
+    ready, capacity = await backend.readiness()
+    body: dict[str, Any] = {"scheduler": backend.address, "workers": capacity.workers}
+    if ready:
         return JSONResponse({"status": "ready", **body})
+    detail = "the Dask cluster has no workers" if capacity.connected else "not connected to a Dask scheduler"
     return JSONResponse(
-        {"status": "not ready", "error": "unavailable", "detail": "not connected to a Dask scheduler", **body},
+        {"status": "not ready", "error": "unavailable", "detail": detail, **body},
         status_code=503,
         headers={"Retry-After": str(request.app.state.settings.retry_after)},
     )

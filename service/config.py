@@ -42,6 +42,7 @@ class Settings:
     inline_max_cost: float = 0.0005  # INLINE_MAX_COST: seconds; cheaper work runs in the API process
     max_queue_wait: float = 10.0  # MAX_QUEUE_WAIT: seconds of estimated queued work before 503
     max_in_flight: int = 1000  # MAX_IN_FLIGHT: distinct computations in flight before 503
+    cold_start_queue: int = 0  # COLD_START_QUEUE: computations held while there are no workers
     graceful_shutdown_timeout: float = 20.0  # GRACEFUL_SHUTDOWN_TIMEOUT: seconds to finish in-flight work
     keepalive_timeout: float = 75.0  # KEEPALIVE_TIMEOUT: HTTP keep-alive; above the ingress's 60 s
     log_level: str = "info"  # LOG_LEVEL
@@ -102,6 +103,7 @@ class Settings:
             "inline_max_cost": config("INLINE_MAX_COST", cast=float, default=d.inline_max_cost),
             "max_queue_wait": config("MAX_QUEUE_WAIT", cast=float, default=d.max_queue_wait),
             "max_in_flight": config("MAX_IN_FLIGHT", cast=int, default=d.max_in_flight),
+            "cold_start_queue": config("COLD_START_QUEUE", cast=int, default=d.cold_start_queue),
             "graceful_shutdown_timeout": config(
                 "GRACEFUL_SHUTDOWN_TIMEOUT", cast=float, default=d.graceful_shutdown_timeout
             ),

@@ -1,7 +1,7 @@
 """Property-based fuzzing of every documented operation with schemathesis, in-process over ASGI.
 
 schemathesis loads GET /openapi.json from the app itself and calls it through its ASGI transport,
-which runs the app's lifespan (a real embedded LocalCluster) on its own event loop; every case
+which runs the app's lifespan (a real embedded cluster in subprocesses) on its own event loop; every case
 goes through all of schemathesis's default checks (no 5xx, documented status codes, content types,
 response headers, ...).
 """
