@@ -172,7 +172,7 @@ class Backend:
         try:
             try:
                 future = self.connection.submit(
-                    tasks.timed, task.func, arg, key=f"{task.name}-{uuid.uuid4().hex}", priority=computation.priority
+                    tasks.timed, task.func, arg, key=f"{task.name}-{arg}-{uuid.uuid4().hex}", priority=computation.priority
                 )
             except Exception as exc:  # the Client closed between the capacity check and now
                 detail = f"cannot submit: {exc!r}"

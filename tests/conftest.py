@@ -96,7 +96,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def __enter__(self) -> ServerProcess:
-        return self.start()
+        return self if self.proc is not None else self.start()  # already started: .start(wait=...)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -158,6 +158,13 @@ class DaskProcesses:
 
         with Client(self.address, timeout=timeout, set_as_default=False) as client:
             return client.run_on_scheduler(func)
+
+    def processing(self) -> int:
+        """Tasks running (or assigned to run) on a worker right now."""
+        # A lambda, not a module function: the scheduler cannot import this test module.
+        return self.scheduler_call(
+            lambda dask_scheduler: sum(len(ws.processing) for ws in dask_scheduler.workers.values())
+        )
 
     def wait_for_workers(self, n: int, timeout: float = 60) -> None:
         wait_until(lambda: self.scheduler_call(lambda dask_scheduler: len(dask_scheduler.workers)) >= n,

@@ -9,10 +9,15 @@ from pathlib import Path
 
 import httpx
 from conftest import DaskProcesses, ServerProcess, free_port, scrape, wait_until
+from sizing import fib_n_lasting, fib_value
+
+# Computations sized from this machine: LONG outlasts every step a test takes while it runs.
+LONG = fib_n_lasting(3.0)
+SHORT = fib_n_lasting(0.3)
 
 
 def remote_server(tmp_path: Path, cluster: DaskProcesses, **env: str) -> ServerProcess:
-    return ServerProcess(tmp_path, env={"DASK_SCHEDULER_ADDRESS": cluster.address, **env})
+    return ServerProcess(tmp_path, env={"DASK_SCHEDULER_ADDRESS": cluster.address, "FIB_MAX_N": "40", **env})
 
 
 def metric(url: str, name: str) -> float:
@@ -44,8 +49,8 @@ def test_scheduler_outage_longer_than_connect_timeout(tmp_path: Path, dask_clust
 
         async def in_flight_at_loss() -> tuple[httpx.Response, float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-                pending = asyncio.ensure_future(client.get("/fib/35"))  # ~1.5 s on an idle core
-                await asyncio.sleep(0.5)
+                pending = asyncio.ensure_future(client.get(f"/fib/{LONG}"))
+                await asyncio.to_thread(wait_until, lambda: cluster.processing() == 1, 30, 0.05, "fib running")
                 await asyncio.to_thread(cluster.stop_scheduler, kill=True)
                 lost = time.perf_counter()
                 r = await pending
@@ -90,28 +95,28 @@ def test_dropped_queued_request_releases_its_task(tmp_path: Path) -> None:
 
             async def scenario() -> None:
                 async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                    busy = asyncio.ensure_future(client.get("/fib/35"))  # ~1.5 s: outlasts the steps below
-                    await asyncio.sleep(0.5)
-                    dropped = await asyncio.to_thread(drop_request, server.port, "/fib/31")
+                    busy = asyncio.ensure_future(client.get(f"/fib/{LONG}"))  # outlasts the steps below
+                    await asyncio.to_thread(wait_until, lambda: cluster.processing() == 1, 30, 0.05, "busy")
+                    dropped = await asyncio.to_thread(drop_request, server.port, f"/fib/{SHORT}")
                     await asyncio.to_thread(
                         wait_until,
-                        lambda: any(k.startswith("fib-31-") for k in scheduler_keys(cluster)),
-                        5,
-                        0.1,
-                        "fib(31) queued",
+                        lambda: any(k.startswith(f"fib-{SHORT}-") for k in scheduler_keys(cluster)),
+                        10,
+                        0.05,
+                        "the second request queued",
                     )
                     dropped.close()
                     t0 = time.perf_counter()
                     await asyncio.to_thread(
                         wait_until,
-                        lambda: not any(k.startswith("fib-31-") for k in scheduler_keys(cluster)),
-                        5,
+                        lambda: not any(k.startswith(f"fib-{SHORT}-") for k in scheduler_keys(cluster)),
+                        10,
                         0.05,
-                        "fib(31) released",
+                        "the dropped request's task released",
                     )
                     print(f"dropped request's task released after {(time.perf_counter() - t0) * 1000:.0f} ms")
                     assert not busy.done(), "the release must not wait for the busy worker"
-                    assert (await busy).json()["value"] == 9227465
+                    assert (await busy).json()["value"] == fib_value(LONG)
 
             asyncio.run(scenario())
             wait_until(lambda: scheduler_keys(cluster) == [], 10, what="no tasks left on the scheduler")
@@ -129,17 +134,18 @@ def test_coalesced_request_survives_another_clients_disconnect(
 
         async def scenario() -> httpx.Response:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                # fib(35) (~1.5 s on an idle core) outlasts the 0.6 s this takes: the kept request
-                # must find the dropped one's computation still running.
-                dropped = await asyncio.to_thread(drop_request, server.port, "/fib/35")
-                await asyncio.sleep(0.3)
-                kept = asyncio.ensure_future(client.get("/fib/35"))
-                await asyncio.sleep(0.3)
+                # The kept request must find the dropped one's computation still running.
+                dropped = await asyncio.to_thread(drop_request, server.port, f"/fib/{LONG}")
+                await asyncio.to_thread(wait_until, lambda: metric(server.url, "compute_api_computations_in_flight")
+                                        == 1, 30, 0.05, "the first request's computation")
+                kept = asyncio.ensure_future(client.get(f"/fib/{LONG}"))
+                await asyncio.to_thread(wait_until, lambda: metric(server.url, "compute_api_coalesced_requests_total")
+                                        == 1, 30, 0.05, "the second request joined it")
                 dropped.close()
                 return await kept
 
         r = asyncio.run(scenario())
-        assert r.json() == {"n": 35, "value": 9227465}
+        assert r.json() == {"n": LONG, "value": fib_value(LONG)}
         assert metric(server.url, 'compute_api_computations_total{where="dask"}') == before + 1
         assert metric(server.url, "compute_api_coalesced_requests_total") == 1
         assert metric(server.url, "compute_api_released_computations_total") == 0
@@ -149,7 +155,9 @@ def test_no_workers_is_a_fast_503(tmp_path: Path) -> None:
     cluster = DaskProcesses(tmp_path)
     cluster.start_scheduler()
     try:
-        with remote_server(tmp_path, cluster) as server:
+        with remote_server(tmp_path, cluster).start(wait="/healthz") as server:
+            ready = httpx.get(f"{server.url}/readyz")  # ready means able to serve: not without workers
+            assert ready.status_code == 503 and ready.json()["detail"] == "the Dask cluster has no workers"
             t0 = time.perf_counter()
             r = httpx.get(f"{server.url}/fib/25", timeout=10)
             took = time.perf_counter() - t0
@@ -158,7 +166,9 @@ def test_no_workers_is_a_fast_503(tmp_path: Path) -> None:
             assert "no workers" in r.json()["detail"]
             assert took < 1.0
             cluster.start_worker()
-            wait_until(lambda: httpx.get(f"{server.url}/fib/25").status_code == 200, 30, what="worker joins")
+            wait_until(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, 30, what="worker joins")
+            # the first request after readiness is served: no decision rests on a stale worker count
+            assert httpx.get(f"{server.url}/fib/25").json() == {"n": 25, "value": 75025}
     finally:
         cluster.close()
 
@@ -166,7 +176,7 @@ def test_no_workers_is_a_fast_503(tmp_path: Path) -> None:
 def test_request_timeout_is_a_504(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
     with remote_server(tmp_path, dask_cluster_procs, REQUEST_TIMEOUT="0.5", MAX_QUEUE_WAIT="30") as server:
         t0 = time.perf_counter()
-        r = httpx.get(f"{server.url}/fib/35", timeout=10)  # ~1.5 s of work against a 0.5 s timeout
+        r = httpx.get(f"{server.url}/fib/{LONG}", timeout=10)  # 3 s of work against a 0.5 s timeout
         assert r.status_code == 504 and r.json()["error"] == "timeout"
         assert time.perf_counter() - t0 < 5
         # the abandoned computation is released, the service keeps serving
@@ -185,4 +195,41 @@ def test_starts_before_its_scheduler(tmp_path: Path) -> None:
         wait_until(lambda: httpx.get(f"{server.url}/fib/20").status_code == 200, 30, what="late scheduler")
     finally:
         server.stop()
+        cluster.close()
+
+
+def test_scale_from_zero_holds_requests_until_a_worker_starts(tmp_path: Path) -> None:
+    """COLD_START_QUEUE: with no workers, a bounded number of computations is admitted and held; the
+    scheduler's adaptive target (what the operator's autoscaler polls) rises; a worker starts; all held
+    requests are answered. Beyond the bound: a fast 503 with Retry-After."""
+    cluster = DaskProcesses(tmp_path)
+    cluster.start_scheduler()
+    try:
+        with remote_server(tmp_path, cluster, COLD_START_QUEUE="2", REQUEST_TIMEOUT="120") as server:
+            ready = httpx.get(f"{server.url}/readyz")
+            assert ready.status_code == 200 and ready.json()["workers"] == 0, ready.text
+
+            async def scenario() -> tuple[list[httpx.Response], httpx.Response, int, float]:
+                async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+                    held = [asyncio.ensure_future(client.get(f"/fib/{n}")) for n in (SHORT, SHORT + 1)]
+                    await asyncio.to_thread(wait_until, lambda: metric(server.url, "compute_api_computations_in_flight")
+                                            == 2, 30, 0.05, "2 computations held")
+                    beyond = await client.get(f"/fib/{SHORT + 2}")
+                    target = await asyncio.to_thread(
+                        cluster.scheduler_call, lambda dask_scheduler: dask_scheduler.adaptive_target())
+                    assert not any(h.done() for h in held)
+                    t0 = time.perf_counter()
+                    await asyncio.to_thread(cluster.start_worker)
+                    answers = list(await asyncio.gather(*held))
+                    return answers, beyond, target, time.perf_counter() - t0
+
+            answers, beyond, target, took = asyncio.run(scenario())
+            print(f"scale from zero: adaptive target {target} while 2 requests were held; beyond the queue "
+                  f"{beyond.status_code}; held requests answered {took:.1f} s after a worker was started")
+            assert target >= 1
+            assert beyond.status_code == 503 and beyond.json()["error"] == "unavailable"
+            assert "no workers" in beyond.json()["detail"] and beyond.headers["retry-after"] == "1"
+            assert [r.json() for r in answers] == [{"n": n, "value": fib_value(n)} for n in (SHORT, SHORT + 1)]
+            assert metric(server.url, 'compute_api_rejected_requests_total{reason="no_workers"}') == 1
+    finally:
         cluster.close()
