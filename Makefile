@@ -11,11 +11,12 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: help venv dev run test test-tools lint load bench soak e2e image image-loadtest kustomize-base kind-up lock clean
+.PHONY: help venv dev run test unit test-tools lint load bench soak e2e image image-loadtest kustomize-base kind-up lock clean
 
 help:
 	@echo "make run      serve the API with an embedded Dask cluster on http://$(HOST):$(PORT)"
 	@echo "make test     install test tools, then run the whole test suite"
+	@echo "make unit     the fast layer only: pure logic and in-process Dask, in seconds"
 	@echo "make load     Locust swarm with SLO gate against LOAD_HOST (default: make run's server)"
 	@echo "make bench    benchmark compute-api against the usual ways of serving compute"
 	@echo "make soak     10-minute mixed load; prints error rate, p99 drift, RSS slope"
@@ -48,6 +49,10 @@ test-tools:
 
 test: $(DEV) test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# No subprocesses, no containers: the in-flight core, the cost model, the Dask adapter in-process.
+unit: $(DEV)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(DEV) test-tools
 	$(BIN)/ruff check service tests bench locustfiles

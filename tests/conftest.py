@@ -185,7 +185,8 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def embedded_server(log_dir: Path) -> Iterator[ServerProcess]:
     """One embedded-mode server (2 worker processes) shared by every test that only reads it."""
-    server = ServerProcess(log_dir, env={"EMBEDDED_WORKERS": "2"})
+    # FIB_MAX_N 40: tests size n from this machine's speed, and a fast machine needs a larger one.
+    server = ServerProcess(log_dir, env={"EMBEDDED_WORKERS": "2", "FIB_MAX_N": "40"})
     server.start()
     yield server
     server.stop()

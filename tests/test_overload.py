@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import psutil
 import pytest
 from conftest import ServerProcess, scrape
+from sizing import fib_n_lasting
 
 from bench.driver import Driver, Sample, latency_ms, percentile, status_counts
 
-N = 28  # fib(28): ~0.2 s of CPU, so the workers, not the HTTP path, are the bottleneck
+N = fib_n_lasting(0.2)  # 0.2 s of CPU and more here: the workers, not the HTTP path, are the bottleneck
 WORKERS = 2
 CAPACITY_SECONDS = 8.0
 PHASE = 15.0  # seconds per overload level (the issue says 30; 15 keeps CI time down, same steady state)
@@ -117,7 +118,8 @@ async def overload(driver: Driver, pid: int, multiple: float, capacity: float) -
 def server(tmp_path_factory: pytest.TempPathFactory):
     # COALESCE off: identical requests would otherwise share one computation and never overload anything.
     with ServerProcess(
-        tmp_path_factory.mktemp("overload"), env={"EMBEDDED_WORKERS": str(WORKERS), "COALESCE": "false"}
+        tmp_path_factory.mktemp("overload"),
+        env={"EMBEDDED_WORKERS": str(WORKERS), "COALESCE": "false", "FIB_MAX_N": "45"},
     ) as s:
         yield s
 
