@@ -171,9 +171,8 @@ class Backend:
         """Carry out one admitted computation on the cluster (one asyncio task per computation)."""
         try:
             try:
-                future = self.connection.submit(
-                    tasks.timed, task.func, arg, key=f"{task.name}-{arg}-{uuid.uuid4().hex}", priority=computation.priority
-                )
+                key = f"{task.name}-{arg}-{uuid.uuid4().hex}"
+                future = self.connection.submit(tasks.timed, task.func, arg, key=key, priority=computation.priority)
             except Exception as exc:  # the Client closed between the capacity check and now
                 detail = f"cannot submit: {exc!r}"
                 raise Unavailable("scheduler_unreachable", detail, self.settings.retry_after) from exc

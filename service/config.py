@@ -13,15 +13,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import dask.config
+import dask.system
 from starlette.config import Config
 
 
 def default_workers() -> int:
-    """One single-threaded worker per core this process may use (cgroup/affinity aware)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    """One single-threaded worker per core this process may use: dask's count honours CPU affinity
+    and cgroup quotas (a 1-CPU container on a 16-core node gets 1, not 16)."""
+    return max(1, dask.system.CPU_COUNT)
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class Settings:
 
     host: str = "127.0.0.1"  # HOST: interface to bind
     port: int = 8000  # PORT: TCP port to bind
-    scheduler_address: str | None = None  # DASK_SCHEDULER_ADDRESS: unset = embedded LocalCluster
+    scheduler_address: str | None = None  # DASK_SCHEDULER_ADDRESS: unset = embedded cluster
     embedded_workers: int = 0  # EMBEDDED_WORKERS: 0 = one per core
     worker_nice: int = 10  # WORKER_NICE: OS niceness of embedded workers, keeps the API responsive
     fib_max_n: int = 35  # FIB_MAX_N: largest n accepted by /fib/{n}

@@ -83,7 +83,11 @@ class ServerProcess:
             def up() -> bool:
                 assert self.proc is not None and self.proc.poll() is None, self.log()
                 return httpx.get(self.url + wait, timeout=2).status_code == 200
-            wait_until(up, timeout, what=f"{self.url}{wait} -> 200\n{self.log()}")
+            try:
+                wait_until(up, timeout, what=f"{self.url}{wait} -> 200")
+            except BaseException:
+                self.stop()  # a server that never became ready must not outlive the test
+                raise TimeoutError(f"{self.url}{wait} never answered 200; log:\n{self.log()[-3000:]}") from None
         return self
 
     def stop(self, timeout: float = 30) -> int | None:

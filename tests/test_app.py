@@ -1,4 +1,4 @@
-"""The app in-process with its real lifespan (an embedded LocalCluster), through Starlette's TestClient."""
+"""The app in-process with its real lifespan (an embedded cluster in subprocesses), through Starlette's TestClient."""
 
 from collections.abc import Iterator
 
