@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: help venv dev run test unit test-tools lint load bench soak e2e image image-loadtest kustomize-base kind-up lock clean
+.PHONY: help venv dev run test unit readme test-tools lint load bench soak e2e image image-loadtest kustomize-base kind-up lock clean
 
 help:
 	@echo "make run      serve the API with an embedded Dask cluster on http://$(HOST):$(PORT)"
@@ -42,6 +42,10 @@ dev: $(DEV)
 
 run: $(RUNTIME)
 	$(BIN)/compute-api serve --host $(HOST) --port $(PORT)
+
+# The README's configuration table, rendered from service/config.py.
+readme: $(RUNTIME)
+	$(BIN)/python scripts/render_readme.py
 
 # System tools the tests drive for real (podman, nginx, helm, shellcheck...).
 test-tools:

@@ -13,6 +13,30 @@ from service import __version__
 from service.app import create_app
 from service.config import Settings
 
+# Flags spelled differently from their setting (uvicorn's and Dask's own spellings).
+FLAG_NAMES = {"embedded_workers": "--workers", "graceful_shutdown_timeout": "--timeout-graceful-shutdown"}
+
+
+def flag(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, its help and default taken from the field (service/config.py)."""
+    for name, field in Settings.model_fields.items():
+        env = Settings.env_name(name)
+        default = "unset" if field.default is None else str(field.default).lower()
+        help_text = f"{field.description} [{env}, default {default}]".replace("%", "%%")
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif choices := getattr(annotation, "__args__", None) if name == "log_level" else None:
+            parser.add_argument(flag(name), dest=name, choices=choices, help=help_text)
+        else:
+            kind = annotation if annotation in (int, float) else str
+            parser.add_argument(flag(name), dest=name, type=kind, metavar=env, help=help_text)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compute-api", description=__doc__)
@@ -23,30 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the HTTP API",
         description="Serve the API with uvicorn. Flags override the environment variables in brackets.",
     )
-    serve.add_argument("--host", help="interface to bind [HOST, default 127.0.0.1]")
-    serve.add_argument("--port", type=int, help="TCP port [PORT, default 8000]")
-    serve.add_argument(
-        "--workers",
-        type=int,
-        dest="embedded_workers",
-        help="embedded Dask worker processes, ignored in remote mode [EMBEDDED_WORKERS, default: one per core]",
-    )
-    serve.add_argument(
-        "--scheduler-address",
-        help="use this Dask scheduler, e.g. tcp://host:8786, instead of an embedded cluster [DASK_SCHEDULER_ADDRESS]",
-    )
-    serve.add_argument("--fib-max-n", type=int, help="largest n accepted by /fib/{n} [FIB_MAX_N, default 35]")
-    serve.add_argument("--request-timeout", type=float, help="seconds before 504 [REQUEST_TIMEOUT, default 30]")
-    serve.add_argument(
-        "--timeout-graceful-shutdown",
-        type=float,
-        dest="graceful_shutdown_timeout",
-        help="seconds to finish in-flight requests on SIGTERM [GRACEFUL_SHUTDOWN_TIMEOUT, default 20]",
-    )
-    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], help="[LOG_LEVEL]")
-    serve.add_argument(
-        "--access-log", action=argparse.BooleanOptionalAction, default=None, help="log every request [ACCESS_LOG]"
-    )
+    add_setting_flags(serve)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from _k8s_helpers import (
     validate_kubernetes,
     var_references,
 )
+
+from service.config import Settings
 
 VALUES_IDS = [path.name for path in CI_VALUES]
 NAMESPACE = "apps"
@@ -188,7 +191,21 @@ def test_termination_grace_exceeds_prestop_plus_graceful_shutdown(rendered: list
 
 def test_keepalive_outlives_the_ingress(rendered: list[dict[str, Any]]) -> None:
     """ingress-nginx keeps upstream connections 60 s; uvicorn must keep them longer or 502s follow."""
-    assert float(one(rendered, "ConfigMap")["data"]["KEEPALIVE_TIMEOUT"]) > 60
+    data = one(rendered, "ConfigMap")["data"]
+    assert float(data.get("KEEPALIVE_TIMEOUT", Settings.from_environ({}).keepalive_timeout)) > 60
+
+
+def test_api_config_accepts_exactly_the_services_settings() -> None:
+    """values.schema.json lists the settings of service/config.py, except those the chart sets itself."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    accepted = schema["properties"]["api"]["properties"]["config"]["propertyNames"]["enum"]
+    chart_managed = {"DASK_SCHEDULER_ADDRESS", "HOST", "PORT", "GRACEFUL_SHUTDOWN_TIMEOUT"}
+    assert set(accepted) == {Settings.env_name(name) for name in Settings.model_fields} - chart_managed
+
+
+def test_api_config_refuses_an_unknown_setting() -> None:
+    with pytest.raises(AssertionError, match="FIB_MAX"):
+        helm_template(set_values=["api.config.FIB_MAX=30"])
 
 
 # --- contracts with the dask-kubernetes operator --------------------------------------------------------
