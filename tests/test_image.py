@@ -34,6 +34,7 @@ from _k8s_helpers import (
     require_tool,
     run,
 )
+from certificates import write_tls_secret
 from conftest import free_port, scrape, wait_until
 
 pytestmark = pytest.mark.container
@@ -296,74 +297,13 @@ def test_chart_pods_run_the_remote_cluster(pods: Pods) -> None:
     assert result.returncode == 0 and "ok:" in result.stdout, result.stdout + result.stderr + pods.logs()
 
 
-def make_tls_secret(directory: Path) -> Path:
-    """A CA and one certificate signed by it, laid out like a cert-manager Secret (ca.crt,
-    tls.crt, tls.key). distributed does not check host names, only the chain (mutual auth)."""
-    openssl = require_tool("openssl", "apt-get install -y openssl")
-    directory.mkdir()
-    run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=compute-api-ca",
-            "-keyout",
-            str(directory / "ca.key"),
-            "-out",
-            str(directory / "ca.crt"),
-        ]
-    )
-    run(
-        [
-            openssl,
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=compute-api-dask",
-            "-keyout",
-            str(directory / "tls.key"),
-            "-out",
-            str(directory / "tls.csr"),
-        ]
-    )
-    run(
-        [
-            openssl,
-            "x509",
-            "-req",
-            "-in",
-            str(directory / "tls.csr"),
-            "-CA",
-            str(directory / "ca.crt"),
-            "-CAkey",
-            str(directory / "ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            str(directory / "tls.crt"),
-        ]
-    )
-    (directory / "ca.key").unlink()
-    for path in directory.iterdir():
-        path.chmod(0o444)  # the Secret volume's files are readable by the pod's group; here by anyone
-    return directory
-
-
 def test_chart_pods_with_mutual_tls(pods: Pods, tmp_path: Path) -> None:
     """The TLS values: every hop is tls:// with certificates from the mounted Secret, and the
     scheduler refuses plain TCP (require-encryption)."""
     spec = chart_pods(CHART / "ci" / "tls-values.yaml")
     assert spec["api"]["env"]["DASK_SCHEDULER_ADDRESS"].startswith("tls://")
-    secret = make_tls_secret(tmp_path / "secret")
+    # distributed checks the chain, not host names (mutual auth)
+    secret = write_tls_secret(tmp_path / "secret", ["compute-api-dask"])
     urls = start_cluster(pods, spec, volumes=(f"{secret}:/etc/dask/tls:ro",))
     assert httpx.get(f"{urls['api']}/fib/24", timeout=60).json() == {"n": 24, "value": 46368}
     assert computed_on_dask(urls["api"]) >= 1

@@ -20,13 +20,13 @@ import dask.config
 import httpx
 import hypothesis
 import pytest
+from certificates import generate
 from conftest import BIN, ROOT, DaskProcesses, ServerProcess
 from distributed import Client, Security
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from recorder import SubmissionRecorder, recorded
 from starlette.testclient import TestClient
-from tls import generate
 
 from service.app import create_app
 from service.config import Settings

@@ -9,10 +9,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from certificates import write_tls_secret
 from distributed import Client
 from distributed.security import Security
 
-from e2e.certificates import write_tls_secret
 from e2e.conftest import E2E_TLS_VALUES, HelperImages, render, started_cluster
 from e2e.load import LoadDriver, record
 from e2e.runner import Cluster
