@@ -81,13 +81,15 @@ class Driver:
     connection, like browsers and aiohttp do; idle connections are reused.
     """
 
-    def __init__(self, base_url: str, default_timeout: float = 120.0) -> None:
+    def __init__(self, base_url: str, default_timeout: float = 120.0, host_header: str | None = None) -> None:
         url = urlsplit(base_url)
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
         self.default_timeout = default_timeout
         self.epoch = time.perf_counter()
         self._idle: list[Connection] = []
-        self._request_tail = f" HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n".encode()
+        # host_header: the virtual host to ask for (an ingress routes by it), if not the URL's own.
+        host = host_header or f"{self.host}:{self.port}"
+        self._request_tail = f" HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
 
     async def __aenter__(self) -> Driver:
         return self
@@ -150,17 +152,21 @@ class Driver:
             raise
 
     async def get(self, path: str, timeout: float | None = None) -> Sample:
+        return (await self.fetch(path, timeout))[0]
+
+    async def fetch(self, path: str, timeout: float | None = None) -> tuple[Sample, bytes]:
+        """One GET: its sample and its body (empty when there was no answer)."""
         start = time.perf_counter()
-        status, retry_after = ERROR, False
+        status, retry_after, body = ERROR, False, b""
         try:
             async with asyncio.timeout(timeout or self.default_timeout):
-                status, retry_after, _ = await self._request(path)
+                status, retry_after, body = await self._request(path)
         except TimeoutError:
             status = TIMEOUT
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError):
             status = ERROR
         end = time.perf_counter()
-        return Sample(start - self.epoch, end - start, status, retry_after)
+        return Sample(start - self.epoch, end - start, status, retry_after), body
 
     async def text(self, path: str) -> str:
         """Body of a GET that must succeed (e.g. /metrics)."""

@@ -1,4 +1,5 @@
-"""Load for the scenarios: an exact-count async driver, the project's Locust run, and the summary.
+"""Load for the scenarios: exact-count users on the project's one load driver (bench/driver.py), the
+project's Locust run, and the summary (percentiles by bench.driver's one definition: nearest rank).
 
 The driver counts every request it sends and every answer it gets (any HTTP status), so "requests
 sent == requests answered" is a measured fact, not an assumption; a request without an answer
@@ -12,19 +13,16 @@ import asyncio
 import csv
 import json
 import random
-import statistics
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 from conftest import BIN, ROOT
+from workload import KNOWN_FIB_VALUES  # locustfiles/ is on the tests' path (pyproject.toml)
 
-sys.path.insert(0, str(ROOT / "locustfiles"))
-from workload import KNOWN_FIB_VALUES  # noqa: E402  (locust-free module)
+from bench.driver import ERROR, TIMEOUT, Driver, percentile
 
 LOCUSTFILE = ROOT / "locustfiles" / "locustfile.py"
 
@@ -35,7 +33,7 @@ class Sample:
     started: float  # monotonic
     latency: float  # seconds; for an unanswered request, until it was given up
     status: int  # 0: no HTTP answer (connection error or hang)
-    retry_after: str | None
+    retry_after: bool  # the answer carried a Retry-After header
     correct: bool  # 200 with exactly the expected body
     error: str = ""
 
@@ -60,14 +58,6 @@ class Results:
         for s in self.samples:
             counts[s.status] = counts.get(s.status, 0) + 1
         return counts
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
 
 
 class LoadDriver:
@@ -104,44 +94,40 @@ class LoadDriver:
         return self.results
 
     async def _main(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-        timeout = aiohttp.ClientTimeout(total=self.answer_timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                         headers={"Host": self.host}) as session:
-            users = [self._user(session, "/fast") for _ in range(self.fast_users)]
-            users += [self._user(session, "/fib") for _ in range(self.fib_users)]
+        async with Driver(self.url, default_timeout=self.answer_timeout, host_header=self.host) as driver:
+            users = [self._user(driver, "/fast") for _ in range(self.fast_users)]
+            users += [self._user(driver, "/fib") for _ in range(self.fib_users)]
             await asyncio.gather(*users)
 
-    async def _user(self, session: aiohttp.ClientSession, route: str) -> None:
+    async def _user(self, driver: Driver, route: str) -> None:
         while not self._stop.is_set():
             if route == "/fast":
                 path, expected = "/fast", {"message": "Hello!"}
             else:
                 n = random.randint(*self.fib_n)
                 path, expected = f"/fib/{n}", {"n": n, "value": KNOWN_FIB_VALUES[n]}
-            await self._request(session, route, path, expected)
+            await self._request(driver, route, path, expected)
             await asyncio.sleep(self.think[route])
 
-    async def _request(self, session: aiohttp.ClientSession, route: str, path: str, expected: dict) -> None:
+    async def _request(self, driver: Driver, route: str, path: str, expected: dict) -> None:
         self.results.sent += 1
         started = time.monotonic()
-        status, retry_after, correct, error = 0, None, False, ""
-        try:
-            async with session.get(self.url + path) as response:
-                text = await response.text()
-                status = response.status
-                self.results.answered += 1
-                retry_after = response.headers.get("Retry-After")
-                try:
-                    body = json.loads(text)
-                except ValueError:  # e.g. the ingress's own error page
-                    body = text
-                correct = status == 200 and body == expected
-                if not correct:
-                    error = f"HTTP {status}: {str(body)[:200]}"
-        except Exception as exc:  # noqa: BLE001 - any failure to get an answer is the measurement
-            error = f"{type(exc).__name__}: {exc}"
-        self.results.samples.append(Sample(route, started, time.monotonic() - started, status, retry_after,
+        sample, raw = await driver.fetch(path)
+        status, correct, error = max(sample.status, 0), False, ""
+        if sample.status == TIMEOUT:
+            error = f"no answer within {self.answer_timeout:g} s"
+        elif sample.status == ERROR:
+            error = "connection error or malformed answer"
+        else:
+            self.results.answered += 1
+            try:
+                body = json.loads(raw)
+            except ValueError:  # e.g. the ingress's own error page
+                body = raw.decode(errors="replace")
+            correct = status == 200 and body == expected
+            if not correct:
+                error = f"HTTP {status}: {str(body)[:200]}"
+        self.results.samples.append(Sample(route, started, time.monotonic() - started, status, sample.retry_after,
                                            correct, error))
 
 
@@ -194,9 +180,9 @@ SUMMARY: list[Row] = []
 
 
 def record(scenario: str, results: Results, note: str = "") -> Row:
-    latencies = [s.latency * 1000 for s in results.samples]
-    row = Row(scenario, len(results.samples), len(results.failures), percentile(latencies, 0.5),
-              percentile(latencies, 0.95), len(results.samples) / results.duration if results.duration else 0.0,
+    latencies = sorted(s.latency * 1000 for s in results.samples)
+    row = Row(scenario, len(results.samples), len(results.failures), percentile(latencies, 50),
+              percentile(latencies, 95), len(results.samples) / results.duration if results.duration else 0.0,
               note)
     SUMMARY.append(row)
     return row
