@@ -11,6 +11,7 @@ import time
 
 import pytest
 from _k8s_helpers import podman
+from sizing import fib_n_lasting
 
 from e2e.load import SUMMARY, LoadDriver, Results, Row, record, run_locust
 from e2e.runner import Cluster
@@ -200,15 +201,18 @@ def test_6_adaptive_target_follows_the_load(cluster: Cluster) -> None:
     workers = len(cluster.scheduler_workers())
     targets: list[int] = []
     # Many distinct n: identical requests share one computation (coalescing), which would hide the
-    # queue from the scheduler. 28..35 keeps each API pod's queue under its admission limit.
-    with driver(cluster, fast_users=0, fib_users=24, fib_n=(28, 35), fib_think=0.0) as load:
-        deadline = time.monotonic() + 40
+    # queue from the scheduler. Each lasts 0.5 to 2 s here, sized from this machine's speed: enough
+    # occupancy for the target to rise, little enough to stay under each API pod's admission limit.
+    low = fib_n_lasting(0.5)
+    with driver(cluster, fast_users=0, fib_users=24, fib_n=(low, low + 3), fib_think=0.0) as load:
+        # The event: the target rises above the worker count; the deadline is generous, not a guess.
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline and (len(targets) < 10 or max(targets) <= workers):
             targets.append(cluster.scheduler_api("adaptive_target")["workers"])
             time.sleep(1)
     peak = max(targets)
     after = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         after.append(cluster.scheduler_api("adaptive_target")["workers"])
         if after[-1] <= workers:
