@@ -589,3 +589,53 @@ def test_every_way_to_scale_workers_is_wired() -> None:
     assert 'field="spec.worker.replicas"' in inspect.getsource(controller), "operator propagates replicas"
     autoscaler = one(helm_template(), "DaskAutoscaler")
     assert autoscaler["spec"]["cluster"] == daskcluster(helm_template())["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    "assignments",
+    [
+        ["dask.worker.resources.limits.cpu=2", "dask.worker.resources.limits.memory=2147483648"],
+        ["dask.scheduler.resources.requests.cpu=1", "dask.worker.resources.requests.cpu=0.5"],
+    ],
+    ids=["integers from --set", "whole and fractional cpus"],
+)
+def test_numeric_quantities_render_valid_for_the_crd(assignments: list[str]) -> None:
+    """A quantity typed as a number is rendered as the string the DaskCluster CRD requires."""
+    cluster = daskcluster(helm_template(set_values=assignments))
+    validate_custom_resource(cluster)
+    worker = cluster["spec"]["worker"]["spec"]["containers"][0]
+    for quantities in worker["resources"].values():
+        assert all(isinstance(q, str) for q in quantities.values()), worker["resources"]
+
+
+def test_numeric_quantities_from_a_values_file_have_no_exponent(tmp_path: Path) -> None:
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text("dask:\n  worker:\n    resources:\n      limits:\n        memory: 2147483648\n")
+    worker = daskcluster(helm_template(values_file))["spec"]["worker"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["memory"] == "2147483648"
+    assert worker["command"][worker["command"].index("--memory-limit") + 1] == "2147483648"
+
+
+def test_a_malformed_quantity_is_refused_by_the_schema() -> None:
+    with pytest.raises(AssertionError, match="cpu"):
+        helm_template(set_values=["dask.worker.resources.limits.cpu=two"])
+
+
+def test_unready_api_pods_never_block_a_node_drain(rendered: list[dict[str, Any]]) -> None:
+    pdbs = [d for d in rendered if d["kind"] == "PodDisruptionBudget"]
+    assert all(pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow" for pdb in pdbs)
+
+
+def test_cluster_domain_is_a_value() -> None:
+    api = api_container(helm_template(set_values=["clusterDomain=corp.example"]))
+    assert env_of(api)["DASK_SCHEDULER_ADDRESS"].endswith(".svc.corp.example:8786")
+
+
+def test_chart_workers_run_without_the_profiler_and_the_scheduler_expires_silent_workers_promptly(
+    rendered: list[dict[str, Any]],
+) -> None:
+    spec = daskcluster(rendered)["spec"]
+    worker_env = env_of(spec["worker"]["spec"]["containers"][0])
+    scheduler_env = env_of(spec["scheduler"]["spec"]["containers"][0])
+    assert worker_env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] == "false"
+    assert dask.utils.parse_timedelta(scheduler_env["DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL"]) <= 60

@@ -65,7 +65,7 @@ app.kubernetes.io/component: api
 
 {{/* The scheduler Service the operator creates from the DaskCluster (port tcp-comm, 8786). */}}
 {{- define "compute-api.schedulerAddress" -}}
-{{- printf "%s://%s-scheduler.%s.svc.cluster.local:8786" (include "compute-api.daskProtocol" .) (include "compute-api.daskClusterName" .) .Release.Namespace }}
+{{- printf "%s://%s-scheduler.%s.svc.%s:8786" (include "compute-api.daskProtocol" .) (include "compute-api.daskClusterName" .) .Release.Namespace .Values.clusterDomain }}
 {{- end }}
 
 {{/* Labels the operator puts on the scheduler / worker pods (used by NetworkPolicies). */}}
@@ -145,4 +145,24 @@ dask.config reads DASK_DISTRIBUTED__COMM__TLS__* into distributed.comm.tls.*.
 {{/* Seconds the API pod may take to stop: must exceed preStop sleep + graceful shutdown. */}}
 {{- define "compute-api.terminationGracePeriodSeconds" -}}
 {{- add .Values.api.preStopSleepSeconds .Values.api.gracefulShutdownTimeout .Values.api.terminationGraceMarginSeconds }}
+{{- end }}
+
+{{/*
+Requests and limits with every quantity rendered as a string. The DaskCluster CRD types them as
+strings (its PodSpec schema), so an unquoted `cpu: 2` from `--set` would be refused by the API
+server after the release's other objects were applied. Helm reads numbers from values files as
+float64: whole numbers are rendered without an exponent (536870912, not 5.36870912e+08).
+*/}}
+{{- define "compute-api.resources" -}}
+{{- range $kind, $quantities := . }}
+{{ $kind }}:
+  {{- range $name, $quantity := $quantities }}
+  {{ $name }}: {{ include "compute-api.quantity" $quantity }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* One quantity as a quoted string (see compute-api.resources). */}}
+{{- define "compute-api.quantity" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) }}{{ . | int64 | toString | quote }}{{ else }}{{ . | toString | quote }}{{ end }}
 {{- end }}
