@@ -67,7 +67,17 @@ else
     "$helm_bin" upgrade --install compute-api "$repo_root/helm/compute-api" --namespace "$namespace" \
         --values "$repo_root/helm/compute-api/ci/kind-values.yaml" --set "image.tag=$version"
 fi
-kubectl --namespace "$namespace" wait daskcluster/compute-api --for=jsonpath='{.status.phase}'=Running --timeout=300s
+# Not the DaskCluster's status.phase: the operator (2026.3.0) writes Pending after Running can have
+# been written and may leave it Pending for good (dask/dask-kubernetes#968). What means ready is
+# the scheduler pod's readiness, then the API's rollout (an API pod is ready once it can compute).
+scheduler_pods="dask.org/cluster-name=compute-api,dask.org/component=scheduler"
+for _ in $(seq 1 60); do
+    if kubectl --namespace "$namespace" get pods --selector "$scheduler_pods" --output name | grep -q .; then
+        break
+    fi
+    sleep 5
+done
+kubectl --namespace "$namespace" wait pods --selector "$scheduler_pods" --for=condition=Ready --timeout=300s
 kubectl --namespace "$namespace" rollout status deployment/compute-api --timeout=300s
 if [ "${LOADTEST:-0}" = "1" ]; then
     kubectl apply -k "$repo_root/k8s/locust"
