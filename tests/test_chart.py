@@ -99,7 +99,8 @@ def test_helm_lint_strict_with_ci_values(values_file: Path) -> None:
 
 def test_ci_values_cover_the_options() -> None:
     names = set(VALUES_IDS)
-    assert {"default-values.yaml", "tls-values.yaml", "hpa-ingress-values.yaml"} <= names, names
+    expected = {"default-values.yaml", "tls-values.yaml", "hpa-ingress-values.yaml", "scale-to-zero-values.yaml"}
+    assert expected <= names, names
 
 
 def test_every_object_validates_strictly(rendered: list[dict[str, Any]]) -> None:
@@ -639,3 +640,11 @@ def test_chart_workers_run_without_the_profiler_and_the_scheduler_expires_silent
     scheduler_env = env_of(spec["scheduler"]["spec"]["containers"][0])
     assert worker_env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] == "false"
     assert dask.utils.parse_timedelta(scheduler_env["DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL"]) <= 60
+
+
+def test_scale_to_zero_makes_the_api_hold_requests_for_a_cold_start() -> None:
+    config = one(helm_template(CHART / "ci" / "scale-to-zero-values.yaml"), "ConfigMap")["data"]
+    assert config["COLD_START_QUEUE"] == "16"
+    assert Settings.from_environ(config).cold_start_queue == 16  # a value the service accepts
+    # with workers kept, nothing is held: no workers is a fast 503
+    assert "COLD_START_QUEUE" not in one(helm_template(), "ConfigMap")["data"]
