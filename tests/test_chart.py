@@ -430,7 +430,7 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
     assert len(by_kind(default_render, "NetworkPolicy")) == len(selects)
     for suffix, expected in selects.items():
         policy = _policy(default_render, suffix)
-        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert policy["spec"]["policyTypes"] == (["Ingress", "Egress"] if suffix == "-worker" else ["Ingress"])
         selected = {
             name for name, labels in everyone.items() if selector_matches(policy["spec"]["podSelector"], labels)
         }
@@ -465,6 +465,34 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
         names = {port["name"] for c in pod["spec"]["containers"] for port in c.get("ports", [])}
         for rule in _policy(default_render, suffix)["spec"]["ingress"]:
             assert {p["port"] for p in rule["ports"]} <= names, (suffix, rule["ports"], names)
+
+
+def test_workers_reach_only_dns_the_scheduler_and_each_other(default_render: list[dict[str, Any]]) -> None:
+    pods = pod_templates(default_render)
+    scheduler = pods["DaskCluster/compute-api/scheduler"]["metadata"]["labels"]
+    worker = pods["DaskCluster/compute-api/worker"]["metadata"]["labels"]
+    api = pods["Deployment/compute-api"]["metadata"]["labels"]
+    egress = _policy(default_render, "-worker")["spec"]["egress"]
+    dns, *to_pods = egress
+    assert "to" not in dns and {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    reachable = [(peer["podSelector"], {p["port"] for p in rule["ports"]}) for rule in to_pods for peer in rule["to"]]
+    # every peer is a pod of this release: no ipBlock, so no cloud metadata address, no internet
+    assert all(list(peer) == ["podSelector"] for rule in to_pods for peer in rule["to"])
+    assert [ports for selector, ports in reachable if selector_matches(selector, scheduler)] == [{8786}]
+    assert [ports for selector, ports in reachable if selector_matches(selector, worker)] == [{8788, 8789}]
+    assert not [ports for selector, ports in reachable if selector_matches(selector, api)]
+    # and it can be switched off
+    off = _policy(helm_template(set_values=["networkPolicy.workerEgress.enabled=false"]), "-worker")
+    assert off["spec"]["policyTypes"] == ["Ingress"] and "egress" not in off["spec"]
+
+
+def test_the_metrics_scraper_is_admitted_to_the_metrics_ports_only() -> None:
+    rendered = helm_template(set_values=["networkPolicy.metricsScraperNamespace=monitoring"])
+    for suffix, port in (("-api", "http"), ("-scheduler", "http-dashboard"), ("-worker", "http-dashboard")):
+        policy = _policy(rendered, suffix)
+        assert "monitoring" in _namespaces_allowed(policy, port), suffix
+        others = {p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]} - {port}
+        assert all("monitoring" not in _namespaces_allowed(policy, other) for other in others), suffix
 
 
 def test_network_policies_can_be_disabled() -> None:

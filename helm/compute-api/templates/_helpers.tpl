@@ -166,3 +166,16 @@ float64: whole numbers are rendered without an exponent (536870912, not 5.368709
 {{- define "compute-api.quantity" -}}
 {{- if and (kindIs "float64" .) (eq . (floor .)) }}{{ . | int64 | toString | quote }}{{ else }}{{ . | toString | quote }}{{ end }}
 {{- end }}
+
+{{/* Admit the metrics scraper's namespace to a pod's metrics port (networkPolicy.metricsScraperNamespace). */}}
+{{- define "compute-api.scraperIngress" -}}
+{{- with .context.Values.networkPolicy.metricsScraperNamespace }}
+- from:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ . }}
+  ports:
+    - port: {{ $.port }}
+      protocol: TCP
+{{- end }}
+{{- end }}
