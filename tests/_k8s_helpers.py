@@ -231,16 +231,23 @@ def operator_pods(daskcluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
     namespace = daskcluster["metadata"].get("namespace", BASE_NAMESPACE)
     meta_labels = controller._get_labels(type("Meta", (), {"labels": daskcluster["metadata"].get("labels", {})})())
 
+    meta_annotations = dict(daskcluster["metadata"].get("annotations", {}))
+
     def labels_for(role: dict[str, Any]) -> dict[str, str]:
         return meta_labels | role.get("metadata", {}).get("labels", {})
+
+    def annotations_for(role: dict[str, Any]) -> dict[str, str]:
+        # like the controller's create handlers (~l.359 and ~l.389): the cluster's, then the role's
+        return meta_annotations | role.get("metadata", {}).get("annotations", {})
 
     scheduler = daskcluster["spec"]["scheduler"]
     worker = daskcluster["spec"]["worker"]
     scheduler_deployment = controller.build_scheduler_deployment_spec(
-        name, copy.deepcopy(scheduler["spec"]), {}, labels_for(scheduler)
+        name, copy.deepcopy(scheduler["spec"]), annotations_for(scheduler), labels_for(scheduler)
     )
     worker_deployment = controller.build_worker_deployment_spec(
-        f"{name}-default", namespace, name, "0123456789", copy.deepcopy(worker["spec"]), {}, labels_for(worker)
+        f"{name}-default", namespace, name, "0123456789", copy.deepcopy(worker["spec"]), annotations_for(worker),
+        labels_for(worker),
     )
     return {
         "scheduler": scheduler_deployment["spec"]["template"],

@@ -676,3 +676,29 @@ def test_scale_to_zero_makes_the_api_hold_requests_for_a_cold_start() -> None:
     assert Settings.from_environ(config).cold_start_queue == 16  # a value the service accepts
     # with workers kept, nothing is held: no workers is a fast 503
     assert "COLD_START_QUEUE" not in one(helm_template(), "ConfigMap")["data"]
+
+
+def test_api_replicas_spread_over_nodes_by_default(rendered: list[dict[str, Any]]) -> None:
+    pod = one(rendered, "Deployment")["spec"]["template"]
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert selector_matches(spread["labelSelector"], pod["metadata"]["labels"])
+
+
+def test_priority_class_and_pod_metadata_reach_every_role() -> None:
+    rendered = helm_template(set_values=[
+        *(f"{role}.priorityClassName=critical" for role in ("api", "dask.scheduler", "dask.worker")),
+        *(f"{role}.podLabels.team=ml" for role in ("api", "dask.scheduler", "dask.worker")),
+        "dask.worker.podAnnotations.note=x",
+    ])
+    pods = pod_templates(rendered)
+    for name in ("Deployment/compute-api", "DaskCluster/compute-api/scheduler", "DaskCluster/compute-api/worker"):
+        assert pods[name]["spec"]["priorityClassName"] == "critical", name
+        assert pods[name]["metadata"]["labels"]["team"] == "ml", name
+    assert pods["DaskCluster/compute-api/worker"]["metadata"]["annotations"] == {"note": "x"}
+    validate_all(rendered)
+
+
+def test_the_nanny_restarts_a_worker_before_the_kernel_kills_it(rendered: list[dict[str, Any]]) -> None:
+    worker = daskcluster(rendered)["spec"]["worker"]["spec"]["containers"][0]
+    assert float(env_of(worker)["DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE"]) < 0.95
