@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+# Why a request is answered 503: the `reason` of the JSON error and the label of
+# compute_api_rejected_requests_total. A closed set, so every series exists (at 0) from the first
+# scrape and a dashboard or alert never confuses "no 503s yet" with "no data".
+REASONS = ("overloaded", "no_workers", "scheduler_unreachable", "scheduler_lost", "shutting_down")
+
 
 class Unavailable(Exception):
     """The cluster cannot take this request now: 503 with Retry-After."""
 
     def __init__(self, reason: str, detail: str, retry_after: int) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"undeclared 503 reason {reason!r}: add it to errors.REASONS")
         super().__init__(detail)
         self.reason = reason
         self.detail = detail

@@ -16,8 +16,13 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import REASONS
+
 # Latency buckets spanning an inline /fast (sub-millisecond) to a long fib (tens of seconds).
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Where a computation ran: in the API's event loop (cheaper than a round trip) or on the cluster.
+WHERE = ("inline", "dask")
 
 # Label for requests that matched no route: keeps label cardinality bounded under scanning.
 UNMATCHED = "<unmatched>"
@@ -71,6 +76,12 @@ class Metrics:
         self.connected = Gauge(
             "compute_api_scheduler_connected", "1 when connected to a running scheduler.", registry=self.registry
         )
+
+        # Labelled series exist from the first scrape, at 0 (absent is not zero to PromQL).
+        for where in WHERE:
+            self.computations.labels(where)
+        for reason in REASONS:
+            self.rejected.labels(reason)
 
     def bind(
         self, *, in_flight: Callable[[], float], workers: Callable[[], float], connected: Callable[[], float]

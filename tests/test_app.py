@@ -7,6 +7,8 @@ from starlette.testclient import TestClient
 
 from service.app import MAX_N_DIGITS, create_app, parse_n
 from service.config import Settings
+from service.errors import REASONS, Unavailable
+from service.metrics import WHERE, Metrics
 
 
 @pytest.mark.parametrize(("raw", "n"), [("0", 0), ("1", 1), ("35", 35), ("007", 7)])
@@ -49,6 +51,20 @@ def test_routes(client: TestClient) -> None:
     assert client.get("/fib/20").json() == {"n": 20, "value": 6765}
     index = client.get("/").json()
     assert set(index["endpoints"]) >= {"/fast", "/fib/{n}", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+
+
+def test_every_503_reason_and_placement_is_a_series_from_the_first_scrape() -> None:
+    """Dashboards and alerts read 0, not "no data", before the first 503 (absent is not zero)."""
+    metrics = Metrics().render()[0].decode()
+    for reason in REASONS:
+        assert f'compute_api_rejected_requests_total{{reason="{reason}"}} 0.0' in metrics
+    for where in WHERE:
+        assert f'compute_api_computations_total{{where="{where}"}} 0.0' in metrics
+
+
+def test_an_undeclared_503_reason_is_a_bug() -> None:
+    with pytest.raises(ValueError, match="errors.REASONS"):
+        Unavailable("tired", "detail", 1)
 
 
 def test_fib_max_n_is_configurable(client: TestClient) -> None:
