@@ -16,6 +16,7 @@ from typing import Any
 
 import dask.config
 import dask.utils
+import distributed  # noqa: F401  (registers distributed's defaults in dask.config)
 import httpx
 import pytest
 import yaml
@@ -73,6 +74,13 @@ def values(path: Path | None = None) -> dict[str, Any]:
 
 def api_container(documents: list[dict[str, Any]]) -> dict[str, Any]:
     return one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def api_config_map(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """The API's settings (the dashboard, when enabled, is a ConfigMap too)."""
+    (config,) = [c for c in by_kind(documents, "ConfigMap")
+                 if c["metadata"]["labels"].get("app.kubernetes.io/component") == "api"]
+    return config
 
 
 def daskcluster(documents: list[dict[str, Any]]) -> dict[str, Any]:
@@ -164,13 +172,13 @@ def test_api_command_and_config(rendered: list[dict[str, Any]], request: pytest.
         next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
     )
     graceful = command[command.index("--timeout-graceful-shutdown") + 1]
-    config = one(rendered, "ConfigMap")["data"]
+    config = api_config_map(rendered)["data"]
     assert config["GRACEFUL_SHUTDOWN_TIMEOUT"] == graceful
     effective = values(request.node.callspec.params["rendered"])
     for key, value in effective["api"]["config"].items():
         assert config[key] == str(value)
     # The config map is wired in, and the pods roll when it changes.
-    assert container["envFrom"] == [{"configMapRef": {"name": one(rendered, "ConfigMap")["metadata"]["name"]}}]
+    assert container["envFrom"] == [{"configMapRef": {"name": api_config_map(rendered)["metadata"]["name"]}}]
     annotations = one(rendered, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert len(annotations["checksum/config"]) == 64
 
@@ -192,7 +200,7 @@ def test_termination_grace_exceeds_prestop_plus_graceful_shutdown(rendered: list
 
 def test_keepalive_outlives_the_ingress(rendered: list[dict[str, Any]]) -> None:
     """ingress-nginx keeps upstream connections 60 s; uvicorn must keep them longer or 502s follow."""
-    data = one(rendered, "ConfigMap")["data"]
+    data = api_config_map(rendered)["data"]
     assert float(data.get("KEEPALIVE_TIMEOUT", Settings.from_environ({}).keepalive_timeout)) > 60
 
 
@@ -671,11 +679,11 @@ def test_chart_workers_run_without_the_profiler_and_the_scheduler_expires_silent
 
 
 def test_scale_to_zero_makes_the_api_hold_requests_for_a_cold_start() -> None:
-    config = one(helm_template(CHART / "ci" / "scale-to-zero-values.yaml"), "ConfigMap")["data"]
+    config = api_config_map(helm_template(CHART / "ci" / "scale-to-zero-values.yaml"))["data"]
     assert config["COLD_START_QUEUE"] == "16"
     assert Settings.from_environ(config).cold_start_queue == 16  # a value the service accepts
     # with workers kept, nothing is held: no workers is a fast 503
-    assert "COLD_START_QUEUE" not in one(helm_template(), "ConfigMap")["data"]
+    assert "COLD_START_QUEUE" not in api_config_map(helm_template())["data"]
 
 
 def test_api_replicas_spread_over_nodes_by_default(rendered: list[dict[str, Any]]) -> None:
@@ -702,3 +710,125 @@ def test_priority_class_and_pod_metadata_reach_every_role() -> None:
 def test_the_nanny_restarts_a_worker_before_the_kernel_kills_it(rendered: list[dict[str, Any]]) -> None:
     worker = daskcluster(rendered)["spec"]["worker"]["spec"]["containers"][0]
     assert float(env_of(worker)["DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE"]) < 0.95
+
+
+# --- monitoring -------------------------------------------------------------------------------------
+
+
+MONITORING = CHART / "ci" / "monitoring-values.yaml"
+
+
+@pytest.fixture(scope="module")
+def monitored() -> list[dict[str, Any]]:
+    return helm_template(MONITORING, release="compute-api", namespace=NAMESPACE)
+
+
+def scrape_targets(documents: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Each monitor -> (the pod it selects, the container port it scrapes), resolved the way the
+    Prometheus Operator resolves them: ServiceMonitor -> Service by labels -> Service port by name ->
+    targetPort on the pods the Service selects; PodMonitor -> pods by labels -> container port by name."""
+    pods = pod_templates(documents)
+    services = by_kind(documents, "Service")
+    targets = {}
+
+    def selected(selector: dict[str, Any]) -> dict[str, Any]:
+        (pod,) = [pod for pod in pods.values() if selector_matches(selector, pod["metadata"].get("labels", {}))]
+        return pod
+
+    def container_port(pod: dict[str, Any], name: str) -> dict[str, Any]:
+        (port,) = [p for c in containers(pod) for p in c.get("ports", []) if p["name"] == name]
+        return port
+
+    for monitor in by_kind(documents, "ServiceMonitor"):
+        (service,) = [s for s in services if selector_matches(monitor["spec"]["selector"], s["metadata"]["labels"])]
+        (endpoint,) = monitor["spec"]["endpoints"]
+        (service_port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+        pod = selected({"matchLabels": service["spec"]["selector"]})
+        targets[monitor["metadata"]["name"]] = (pod, container_port(pod, service_port["targetPort"]))
+    for monitor in by_kind(documents, "PodMonitor"):
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        pod = selected(monitor["spec"]["selector"])
+        targets[monitor["metadata"]["name"]] = (pod, container_port(pod, endpoint["port"]))
+    return targets
+
+
+def test_monitors_scrape_the_api_the_scheduler_and_the_workers(monitored: list[dict[str, Any]]) -> None:
+    """Each monitor selects exactly one kind of pod (the operator's own pod builder makes the Dask
+    ones) and a port that serves /metrics there: the API's 8000, distributed's dashboard 8787."""
+    targets = scrape_targets(monitored)
+    roles = {name: pod["metadata"]["labels"]["app.kubernetes.io/component"] for name, (pod, _) in targets.items()}
+    assert roles == {"compute-api": "api", "compute-api-scheduler": "scheduler", "compute-api-worker": "worker"}
+    assert {name: port["containerPort"] for name, (_, port) in targets.items()} == {
+        "compute-api": 8000, "compute-api-scheduler": 8787, "compute-api-worker": 8787,
+    }
+    for monitor in by_kind(monitored, "ServiceMonitor") + by_kind(monitored, "PodMonitor"):
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # what the Prometheus selects
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+        (endpoint,) = monitor["spec"].get("endpoints", []) + monitor["spec"].get("podMetricsEndpoints", [])
+        assert endpoint["path"] == "/metrics" and endpoint["interval"] == "15s"
+        assert endpoint["metricRelabelings"][0]["action"] == "drop"
+
+
+def test_the_scheduler_serves_its_metrics_on_the_scraped_port(monitored: list[dict[str, Any]]) -> None:
+    """distributed's Prometheus route is among the scheduler's HTTP routes the chart configures
+    (setting the routes replaces the whole default list)."""
+    scheduler = operator_pods(daskcluster(monitored))["scheduler"]
+    env = env_of(scheduler["spec"]["containers"][0])
+    assert "distributed.http.scheduler.prometheus" in ast.literal_eval(env["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"])
+
+
+def test_the_network_policies_admit_every_scrape(monitored: list[dict[str, Any]]) -> None:
+    """The scraper's namespace reaches each monitored port, through the policy that selects the pod."""
+    policies = by_kind(monitored, "NetworkPolicy")
+    for name, (pod, port) in scrape_targets(monitored).items():
+        (policy,) = [p for p in policies if selector_matches(p["spec"]["podSelector"], pod["metadata"]["labels"])]
+        assert "monitoring" in _namespaces_allowed(policy, port["name"]), name
+
+
+def test_monitors_the_network_policies_would_block_are_refused() -> None:
+    result = run([helm(), "template", "x", str(CHART), "--set", "monitoring.enabled=true"], check=False)
+    assert result.returncode != 0
+    assert "networkPolicy.metricsScraperNamespace" in result.stderr
+    # without NetworkPolicies there is nothing to admit
+    assert by_kind(helm_template(set_values=["monitoring.enabled=true", "networkPolicy.enabled=false"]), "PodMonitor")
+
+
+@pytest.mark.parametrize(
+    "assignment", ["monitoring.interval=30", "monitoring.scrapeTimeout=ten", "monitoring.interval=1m 2s"]
+)
+def test_the_schema_refuses_a_malformed_scrape_interval(assignment: str) -> None:
+    result = run([helm(), "template", "x", str(CHART), "--set", assignment], check=False)
+    assert result.returncode != 0 and assignment.split("=")[0].split(".")[-1] in result.stderr
+
+
+def dashboard(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    (config,) = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    return json.loads(config["data"]["compute-api.json"])
+
+
+def dashboard_queries(board: dict[str, Any]) -> list[str]:
+    return [target["expr"] for panel in board["panels"] for target in panel["targets"]]
+
+
+def test_the_dashboard_is_for_grafanas_sidecar(monitored: list[dict[str, Any]]) -> None:
+    (config,) = [c for c in by_kind(monitored, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config["metadata"]["namespace"] == "monitoring"
+    assert config["metadata"]["annotations"] == {"grafana_folder": "compute"}
+    board = dashboard(monitored)
+    titles = " ".join(panel["title"] for panel in board["panels"]).lower()
+    for subject in ("requests per second", "latency", "503", "coalesced", "in flight", "workers", "queue"):
+        assert subject in titles
+    assert not by_kind(helm_template(), "ConfigMap")[1:], "no dashboard by default"
+
+
+def test_every_dashboard_query_reads_one_release(monitored: list[dict[str, Any]]) -> None:
+    """Each query is scoped to the namespace and release picked at the top (the label the monitors
+    copy from the pods), so several releases share one Prometheus and one dashboard."""
+    board = dashboard(monitored)
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert variables == {"datasource", "namespace", "release"}
+    for query in dashboard_queries(board):
+        assert 'namespace="$namespace", app_kubernetes_io_instance="$release"' in query, query
+    for monitor in by_kind(monitored, "ServiceMonitor") + by_kind(monitored, "PodMonitor"):
+        assert monitor["spec"]["podTargetLabels"] == ["app.kubernetes.io/instance"]

@@ -179,3 +179,22 @@ float64: whole numbers are rendered without an exponent (536870912, not 5.368709
       protocol: TCP
 {{- end }}
 {{- end }}
+
+{{/* The fields every scrape endpoint shares (ServiceMonitor endpoints, PodMonitor
+podMetricsEndpoints). */}}
+{{- define "compute-api.scrapeEndpoint" -}}
+path: /metrics
+interval: {{ .Values.monitoring.interval }}
+scrapeTimeout: {{ .Values.monitoring.scrapeTimeout }}
+{{- with .Values.monitoring.metricRelabelings }}
+metricRelabelings:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Monitors that the release's own NetworkPolicies would block are a silent trap: refuse them. */}}
+{{- define "compute-api.monitoringReachable" -}}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.metricsScraperNamespace) }}
+{{- fail "monitoring.enabled: set networkPolicy.metricsScraperNamespace to your Prometheus's namespace (the NetworkPolicies would block its scrapes), or set networkPolicy.enabled=false" }}
+{{- end }}
+{{- end }}
