@@ -20,6 +20,7 @@ requirements=(
     newuidmap:uidmap
     slirp4netns:slirp4netns
     fuse-overlayfs:fuse-overlayfs
+    prometheus:prometheus
 )
 
 missing=()

@@ -79,6 +79,7 @@ class Pod:
 class Cluster:
     def __init__(self, documents: list[dict[str, Any]], namespace: str, workdir: Path, nginx_image: str,
                  pause_image: str, secrets: dict[str, Path] | None = None) -> None:
+        self.documents = documents
         self.namespace = namespace
         self.workdir = workdir
         self.nginx_image = nginx_image
@@ -87,6 +88,7 @@ class Cluster:
         self.network = self.prefix
         self.daskcluster = one(documents, "DaskCluster")
         self.cluster_name = self.daskcluster["metadata"]["name"]
+        self.release = self.daskcluster["metadata"]["labels"]["app.kubernetes.io/instance"]
         self.api_deployment = next(d for d in by_kind(documents, "Deployment")
                                    if d["metadata"]["labels"].get("app.kubernetes.io/component") == "api")
         self.config_maps = {c["metadata"]["name"]: c["data"] for c in by_kind(documents, "ConfigMap")}

@@ -7,13 +7,16 @@ and two ready API pods. Figures go into the summary table printed at the end of 
 from __future__ import annotations
 
 import json
+import re
 import time
 
+import dask.utils
 import pytest
-from _k8s_helpers import podman
+from _k8s_helpers import by_kind, podman
 from sizing import fib_n_lasting
 
 from e2e.load import SUMMARY, LoadDriver, Results, Row, record, run_locust
+from e2e.prometheus import Prometheus, grafana_expression, scrape_configs
 from e2e.runner import Cluster
 
 # The first test also waits for the image builds (scripts/build-image.sh, nginx) and the cluster.
@@ -223,3 +226,52 @@ def test_6_adaptive_target_follows_the_load(cluster: Cluster) -> None:
     assert peak > workers
     assert after[-1] < peak and after[-1] <= workers
 
+
+def test_8_prometheus_scrapes_every_pod_and_every_dashboard_query_has_data(cluster: Cluster, tmp_path) -> None:
+    """A real Prometheus, configured from the rendered ServiceMonitor and PodMonitors as the Prometheus
+    Operator would configure it, scrapes the API pods, the scheduler and every worker; under load,
+    every query of the rendered Grafana dashboard (and of its variables) returns data."""
+    cluster.scale_workers(2)
+    pods = [(p.spec, p.name, cluster.ip(p)) for p in cluster.pods.values() if p.spec is not None]
+    configs = scrape_configs(cluster.documents, pods, cluster.namespace)
+    expected = {"api": len(cluster.api_pods()), "scheduler": 1, "worker": 2}
+    board = json.loads(next(c["data"]["compute-api.json"] for c in by_kind(cluster.documents, "ConfigMap")
+                            if c["metadata"]["name"].endswith("-dashboard")))
+    interval = dask.utils.parse_timedelta(configs[0]["scrape_interval"])
+    variables = {"namespace": cluster.namespace, "release": cluster.release, "datasource": ""}
+    queries = {f"{panel['title']} [{target['refId']}]": grafana_expression(target["expr"], variables, interval)
+               for panel in board["panels"] for target in panel["targets"]}
+    prometheus = Prometheus(tmp_path)
+    prometheus.configure(configs)
+    with prometheus, driver(cluster, fast_users=2, fib_users=4, fib_n=(20, 24), fib_think=0.05) as load:
+        started = time.monotonic()
+        # The event: every target scraped successfully (generous deadline: several scrape intervals).
+        deadline = started + 60
+        while not (targets := prometheus.targets()) or any(t["health"] != "up" for t in targets):
+            assert time.monotonic() < deadline, [(t["labels"]["job"], t["health"], t["lastError"]) for t in targets]
+            time.sleep(0.5)
+        up = time.monotonic() - started
+        roles = {}
+        for target in targets:
+            pod = cluster.pods[target["labels"]["pod"]]
+            roles[pod.role] = roles.get(pod.role, 0) + 1
+            assert target["labels"]["app_kubernetes_io_instance"] == cluster.release
+        assert roles == expected, roles
+        # The event: every dashboard query has data (rates need two scrapes inside their window).
+        empty = dict(queries)
+        deadline = time.monotonic() + 90
+        while empty:
+            empty = {title: expr for title, expr in empty.items() if not prometheus.query(expr)}
+            assert time.monotonic() < deadline, f"dashboard queries without data after 90 s: {empty}"
+            time.sleep(1)
+        answered = time.monotonic() - started
+        for variable in board["templating"]["list"]:
+            if variable["type"] == "query":
+                metric, label = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["definition"]).groups()
+                values = prometheus.label_values(label, metric.replace("$namespace", cluster.namespace))
+                assert variables[variable["name"]] in values, (variable["name"], values)
+        series = sum(len(prometheus.query(expr)) for expr in queries.values())
+    record("8 prometheus + dashboard", load.results,
+           f"{len(targets)} targets up in {up:.1f}s, {len(queries)} queries ({series} series) in {answered:.1f}s")
+    assert_no_failures(load.results)
+    cluster.scale_workers(1)
