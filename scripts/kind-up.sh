@@ -70,7 +70,8 @@ fi
 # Not the DaskCluster's status.phase: the operator (2026.3.0) writes Pending after Running can have
 # been written and may leave it Pending for good (dask/dask-kubernetes#968). What means ready is
 # the scheduler pod's readiness, then the API's rollout (an API pod is ready once it can compute).
-scheduler_pods="dask.org/cluster-name=compute-api,dask.org/component=scheduler"
+# The release's scheduler, whatever the hash in its DaskCluster's name (the chart's upgrade path).
+scheduler_pods="app.kubernetes.io/instance=compute-api,app.kubernetes.io/component=scheduler"
 for _ in $(seq 1 60); do
     if kubectl --namespace "$namespace" get pods --selector "$scheduler_pods" --output name | grep -q .; then
         break

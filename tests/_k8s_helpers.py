@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,30 @@ def helm_template(
     if not include_hooks:
         cmd.append("--no-hooks")
     return load_documents(run(cmd, timeout=120).stdout)
+
+
+def retiring_clusters(live: list[dict[str, Any]], current: str, *, release: str = BASE_RELEASE,
+                      idle_timeout: int = 300) -> list[dict[str, Any]]:
+    """What the chart re-applies for the release's older DaskClusters during an upgrade, given the
+    live clusters its `lookup` would return. `helm template` has no API server to look up, so a
+    throwaway parent chart calls the chart's own named template with the objects given here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        parent = Path(tmp) / "lookup"
+        (parent / "templates").mkdir(parents=True)
+        shutil.copytree(CHART, parent / "charts" / CHART.name)
+        (parent / "Chart.yaml").write_text("apiVersion: v2\nname: lookup\nversion: 0.0.0\n")
+        (parent / "templates" / "retiring.yaml").write_text(
+            '{{ include "compute-api.retiringClusters" (dict "live" .Values.live "current" .Values.current'
+            ' "release" .Release.Name "idleTimeout" .Values.idleTimeout) }}\n'
+        )
+        values = parent / "lookup-values.yaml"
+        values.write_text(yaml.safe_dump({"live": live, "current": current, "idleTimeout": idle_timeout}))
+        result = run([helm(), "template", release, str(parent), "--values", str(values),
+                      "--show-only", "templates/retiring.yaml"], timeout=120, check=False)
+    if "could not find template" in result.stderr:  # nothing rendered
+        return []
+    assert result.returncode == 0, result.stderr
+    return load_documents(result.stdout)
 
 
 def kustomize(directory: Path) -> list[dict[str, Any]]:
@@ -276,7 +301,7 @@ def pod_templates(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             pods[f"Pod/{name}"] = {"metadata": doc["metadata"], "spec": doc["spec"]}
         elif kind == "DaskCluster":
             for role, pod in operator_pods(doc).items():
-                pods[f"DaskCluster/{name}/{role}"] = pod
+                pods[f"DaskCluster/{role}"] = pod  # one DaskCluster per release
     return pods
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from _k8s_helpers import (
     one,
     operator_pods,
     pod_templates,
+    retiring_clusters,
     run,
     selector_matches,
     validate_all,
@@ -426,8 +428,8 @@ def _namespaces_allowed(policy: dict[str, Any], port_name: str) -> set[str]:
 def test_network_policies_select_the_pods_they_mean(default_render: list[dict[str, Any]]) -> None:
     pods = pod_templates(default_render)
     api = pods["Deployment/compute-api"]["metadata"]["labels"]
-    scheduler = pods["DaskCluster/compute-api/scheduler"]["metadata"]["labels"]
-    worker = pods["DaskCluster/compute-api/worker"]["metadata"]["labels"]
+    scheduler = pods["DaskCluster/scheduler"]["metadata"]["labels"]
+    worker = pods["DaskCluster/worker"]["metadata"]["labels"]
     helm_test = pods["Pod/compute-api-test-api"]["metadata"]["labels"]
     everyone = {"api": api, "scheduler": scheduler, "worker": worker, "helm-test": helm_test}
     selects = {
@@ -477,8 +479,8 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
 
 def test_workers_reach_only_dns_the_scheduler_and_each_other(default_render: list[dict[str, Any]]) -> None:
     pods = pod_templates(default_render)
-    scheduler = pods["DaskCluster/compute-api/scheduler"]["metadata"]["labels"]
-    worker = pods["DaskCluster/compute-api/worker"]["metadata"]["labels"]
+    scheduler = pods["DaskCluster/scheduler"]["metadata"]["labels"]
+    worker = pods["DaskCluster/worker"]["metadata"]["labels"]
     api = pods["Deployment/compute-api"]["metadata"]["labels"]
     egress = _policy(default_render, "-worker")["spec"]["egress"]
     dns, *to_pods = egress
@@ -589,11 +591,12 @@ def test_recommended_labels_on_every_object(rendered: list[dict[str, Any]]) -> N
 def test_notes_explain_ingress_scaling_and_dashboard() -> None:
     result = run([helm(), "install", "compute-api", str(CHART), "--dry-run=client", "--namespace", NAMESPACE])
     notes = result.stdout.split("NOTES:", 1)[1]
+    cluster = daskcluster(helm_template(release="compute-api", namespace=NAMESPACE))["metadata"]["name"]
     for expected in (
         "kubectl get ingress compute-api",
-        "kubectl scale daskworkergroup compute-api-default",
+        f"kubectl scale daskworkergroup {cluster}-default",
         "port-forward",
-        "svc/compute-api-scheduler 8787",
+        f"svc/{cluster}-scheduler 8787",
         "helm upgrade",
         "dask-kubernetes-operator",
     ):
@@ -700,10 +703,10 @@ def test_priority_class_and_pod_metadata_reach_every_role() -> None:
         "dask.worker.podAnnotations.note=x",
     ])
     pods = pod_templates(rendered)
-    for name in ("Deployment/compute-api", "DaskCluster/compute-api/scheduler", "DaskCluster/compute-api/worker"):
+    for name in ("Deployment/compute-api", "DaskCluster/scheduler", "DaskCluster/worker"):
         assert pods[name]["spec"]["priorityClassName"] == "critical", name
         assert pods[name]["metadata"]["labels"]["team"] == "ml", name
-    assert pods["DaskCluster/compute-api/worker"]["metadata"]["annotations"] == {"note": "x"}
+    assert pods["DaskCluster/worker"]["metadata"]["annotations"] == {"note": "x"}
     validate_all(rendered)
 
 
@@ -832,3 +835,84 @@ def test_every_dashboard_query_reads_one_release(monitored: list[dict[str, Any]]
         assert 'namespace="$namespace", app_kubernetes_io_instance="$release"' in query, query
     for monitor in by_kind(monitored, "ServiceMonitor") + by_kind(monitored, "PodMonitor"):
         assert monitor["spec"]["podTargetLabels"] == ["app.kubernetes.io/instance"]
+
+
+# --- upgrades -----------------------------------------------------------------------------------------
+
+
+def helm_owned(doc: dict[str, Any], release: str = "compute-api") -> dict[str, Any]:
+    """A rendered object as the API server holds it after `helm install`: Helm's ownership marks."""
+    live = copy.deepcopy(doc)
+    live["metadata"]["namespace"] = NAMESPACE
+    live["metadata"]["annotations"] = {
+        "meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": NAMESPACE,
+    }
+    return live
+
+
+def test_a_changed_image_or_dask_pod_spec_is_a_new_cluster_and_the_api_follows() -> None:
+    """The operator never rolls a changed DaskCluster spec out (it acts on creation and on
+    spec.worker.replicas only), so the chart names the cluster after its spec: an upgrade that
+    changes what the scheduler or workers run is a new cluster, and every reference follows it."""
+    import inspect
+
+    from dask_kubernetes.operator.controller import controller
+
+    handlers = inspect.getsource(controller)
+    assert '@kopf.on.create("daskcluster.kubernetes.dask.org")' in handlers
+    spec_handler = r"@kopf\.on\.(update|field)\(\s*\"daskcluster[^)]*field=\"spec\.(scheduler|worker\.spec)"
+    assert not re.search(spec_handler, handlers)
+
+    before = helm_template(release="compute-api", namespace=NAMESPACE)
+    name = daskcluster(before)["metadata"]["name"]
+    assert re.fullmatch(r"compute-api-[0-9a-f]{8}", name)
+    for change in (["image.tag=2.0.0"], ["dask.worker.nthreads=2"], ["dask.scheduler.workerTTL=60s"]):
+        after = helm_template(release="compute-api", namespace=NAMESPACE, set_values=change)
+        renamed = daskcluster(after)["metadata"]["name"]
+        assert renamed != name, change
+        assert env_of(api_container(after))["DASK_SCHEDULER_ADDRESS"].startswith(f"tcp://{renamed}-scheduler."), change
+        autoscaler = one(after, "DaskAutoscaler")
+        assert autoscaler["spec"]["cluster"] == renamed == autoscaler["metadata"]["name"]
+    # What the operator does act on, and what only the API uses, keep the cluster.
+    for change in (["dask.worker.replicas=4"], ["api.replicas=3"], ["dask.autoscaler.maximum=20"]):
+        same = helm_template(release="compute-api", namespace=NAMESPACE, set_values=change)
+        assert daskcluster(same)["metadata"]["name"] == name, change
+    long = daskcluster(helm_template(release="a" * 53, namespace=NAMESPACE))["metadata"]["name"]
+    assert len(long) <= 53  # the operator's limit (it appends -scheduler / -default)
+
+
+def test_the_old_cluster_drains_and_the_operator_deletes_it_once_idle() -> None:
+    """During an upgrade the release's older cluster is re-applied as it is, with idleTimeout, so
+    Helm does not delete it under the old API pods' requests and the operator's autoshutdown timer
+    does once its scheduler has been idle that long. Other releases' clusters, clusters already being
+    deleted and the current one are left alone."""
+    import inspect
+
+    from dask_kubernetes.operator.controller import controller
+
+    autoshutdown = inspect.getsource(controller.daskcluster_autoshutdown)
+    assert 'spec.get("idleTimeout", 0)' in autoshutdown and "await cluster.delete()" in autoshutdown
+    assert "/api/v1/check_idle" in inspect.getsource(controller.check_scheduler_idle)
+
+    old = helm_owned(daskcluster(helm_template(release="compute-api", namespace=NAMESPACE)))
+    current = daskcluster(helm_template(release="compute-api", namespace=NAMESPACE, set_values=["image.tag=2.0.0"]))
+    other_release = helm_owned(daskcluster(helm_template(release="other", namespace=NAMESPACE)), release="other")
+    deleting = helm_owned(daskcluster(helm_template(release="compute-api", namespace=NAMESPACE,
+                                                    set_values=["image.tag=1.9.0"])))
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    live = [old, helm_owned(current), other_release, deleting]
+
+    (retiring,) = retiring_clusters(live, current["metadata"]["name"], idle_timeout=120)
+    assert retiring["metadata"]["name"] == old["metadata"]["name"]
+    assert retiring["spec"] == old["spec"] | {"idleTimeout": 120}
+    assert retiring["metadata"]["labels"] == old["metadata"]["labels"] | {"compute-api/retiring": "true"}
+    validate_custom_resource(retiring)
+    # A rollback to a cluster that still exists makes it current again: nothing retires it.
+    assert retiring_clusters([old], old["metadata"]["name"]) == []
+    # helm template / --dry-run: no API server, no lookup, nothing extra rendered.
+    assert len(by_kind(helm_template(), "DaskCluster")) == 1
+
+
+def test_retirement_waits_longer_than_a_rollout() -> None:
+    result = run([helm(), "template", "x", str(CHART), "--set", "dask.upgrade.retireAfterIdleSeconds=0"], check=False)
+    assert result.returncode != 0 and "retireAfterIdleSeconds" in result.stderr

@@ -54,29 +54,43 @@ app.kubernetes.io/component: api
 {{- end }}
 {{- end }}
 
-{{/* DaskCluster name: the operator derives <name>-scheduler / <name>-default and caps names at 53. */}}
+{{/* DaskCluster name: <base>-<hash of its spec>. The operator rolls no change of a DaskCluster's
+pod specs out (it acts on creation and on spec.worker.replicas only), so a changed image or pod spec
+must be a new cluster: this name changes with the spec (replicas excepted) and an upgrade brings the
+new cluster up beside the old one (upgrade path: _daskcluster.tpl, daskcluster-retiring.yaml). The
+operator derives <name>-scheduler and <name>-default and caps names at 53. */}}
 {{- define "compute-api.daskClusterName" -}}
-{{- default (include "compute-api.fullname" .) .Values.dask.clusterName | trunc 53 | trimSuffix "-" }}
+{{- $base := default (include "compute-api.fullname" .) .Values.dask.clusterName | trunc 44 | trimSuffix "-" }}
+{{- $spec := include "compute-api.daskClusterSpec" (dict "root" . "name" "NAME" "replicas" 0) }}
+{{- /* hashed as data, so an edited comment or a reordered key is not a new cluster */}}
+{{- printf "%s-%s" $base ($spec | fromYaml | toJson | sha256sum | trunc 8) }}
 {{- end }}
 
 {{- define "compute-api.daskProtocol" -}}
 {{- if .Values.dask.tls.enabled }}tls{{ else }}tcp{{ end }}
 {{- end }}
 
-{{/* The scheduler Service the operator creates from the DaskCluster (port tcp-comm, 8786). */}}
-{{- define "compute-api.schedulerAddress" -}}
-{{- printf "%s://%s-scheduler.%s.svc.%s:8786" (include "compute-api.daskProtocol" .) (include "compute-api.daskClusterName" .) .Release.Namespace .Values.clusterDomain }}
+{{/* The scheduler Service the operator creates for a DaskCluster (port tcp-comm, 8786). */}}
+{{- define "compute-api.schedulerAddressOf" -}}
+{{- printf "%s://%s-scheduler.%s.svc.%s:8786" (include "compute-api.daskProtocol" .root) .name .root.Release.Namespace .root.Values.clusterDomain }}
 {{- end }}
 
-{{/* Labels the operator puts on the scheduler / worker pods (used by NetworkPolicies). */}}
+{{/* The current DaskCluster's scheduler: where the API sends its work. */}}
+{{- define "compute-api.schedulerAddress" -}}
+{{- include "compute-api.schedulerAddressOf" (dict "root" . "name" (include "compute-api.daskClusterName" .)) }}
+{{- end }}
+
+{{/* The release's scheduler / worker pods, whichever DaskCluster they belong to (during an upgrade,
+the old one still drains): the operator copies the DaskCluster's labels onto its pods and the role's
+metadata adds the component. Used by NetworkPolicies and PodMonitors. */}}
 {{- define "compute-api.schedulerPodLabels" -}}
-dask.org/cluster-name: {{ include "compute-api.daskClusterName" . }}
-dask.org/component: scheduler
+{{ include "compute-api.selectorLabels" . }}
+app.kubernetes.io/component: scheduler
 {{- end }}
 
 {{- define "compute-api.workerPodLabels" -}}
-dask.org/cluster-name: {{ include "compute-api.daskClusterName" . }}
-dask.org/component: worker
+{{ include "compute-api.selectorLabels" . }}
+app.kubernetes.io/component: worker
 {{- end }}
 
 {{/* Pod-level securityContext: Pod Security Standards "restricted". */}}
