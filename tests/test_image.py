@@ -1,41 +1,42 @@
-"""The container image, built for real with podman (scripts/build-image.sh), and the chart's
-rendered commands, environment and ports run in real containers from it.
+"""The container image, built for real with podman (scripts/build-image.sh), and the chart's pods
+run from it as real containers.
 
-No Kubernetes API server can be had here, so the pods the chart and the operator would create are
-reproduced with podman: same image, same command (with Kubernetes' $(VAR) expansion), same env,
-non-root, read-only root filesystem with a writable /tmp, and Service DNS names as network aliases.
+No Kubernetes API server can be had here, so the pods the chart and the operator would create run
+in the cluster-in-a-box of tests/e2e (``e2e.runner``), the one translation of rendered pod specs
+into podman that `make e2e` uses too: the chart's command (with Kubernetes' $(VAR) expansion), env,
+securityContext (non-root, read-only root), volumes (/tmp, the TLS Secret), probes, and Service DNS
+names as network aliases. Here with the values a user starts from: the defaults and TLS.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import distributed
-import httpx
 import pytest
 from _k8s_helpers import (
     BASE_NAMESPACE,
+    BASE_RELEASE,
     CHART,
     SCRIPTS,
     built_image,
-    env_of,
-    expand,
     helm_template,
     image_config,
     one,
-    operator_pods,
     podman,
     require_tool,
     run,
 )
 from certificates import write_tls_secret
-from conftest import free_port, scrape, wait_until
+from e2e.ingress import target_port
+from e2e.runner import Cluster, build_helper_images, image_values, one_off
+from sizing import fib_value
 
 pytestmark = pytest.mark.container
 
@@ -48,93 +49,37 @@ def image() -> str:
     return built_image()
 
 
-class Pods:
-    """Containers and networks started by one test, removed afterwards whatever happens."""
-
-    def __init__(self, image: str) -> None:
-        self.image = image
-        self.suffix = f"{os.getpid()}-{time.monotonic_ns() % 10**8}"
-        self.containers: list[str] = []
-        self.networks: list[str] = []
-
-    def network(self) -> str:
-        name = f"k8s-test-{self.suffix}"
-        podman("network", "create", name)
-        self.networks.append(name)
-        return name
-
-    def run(
-        self,
-        name: str,
-        command: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        network: str | None = None,
-        aliases: tuple[str, ...] = (),
-        publish: dict[int, int] | None = None,
-        volumes: tuple[str, ...] = (),
-    ) -> str:
-        """A detached container shaped like the pods: non-root, read-only root, /tmp writable."""
-        container = f"{name}-{self.suffix}"
-        args = [
-            "run",
-            "--detach",
-            "--name",
-            container,
-            "--read-only",
-            "--tmpfs",
-            "/tmp:rw,mode=1777",
-            "--user",
-            f"{UID}:{UID}",
-            "--cap-drop",
-            "ALL",
-            "--security-opt",
-            "no-new-privileges",
-        ]
-        if network:
-            args += ["--network", network]
-        for alias in aliases:
-            args += ["--network-alias", alias]
-        for host_port, container_port in (publish or {}).items():
-            args += ["--publish", f"127.0.0.1:{host_port}:{container_port}"]
-        for key, value in (env or {}).items():
-            args += ["--env", f"{key}={value}"]
-        for volume in volumes:
-            args += ["--volume", volume]
-        podman(*args, self.image, *command)
-        self.containers.append(container)
-        return container
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {c}\n{podman('logs', c, check=False).stdout[-3000:]}{podman('logs', c, check=False).stderr[-3000:]}"
-            for c in self.containers
-        )
-
-    def close(self) -> None:
-        for container in reversed(self.containers):
-            podman("rm", "--force", "--time", "5", container, check=False)
-        for network in self.networks:
-            podman("network", "rm", "--force", network, check=False)
+def chart(image: str, values: Path | None = None) -> list[dict[str, Any]]:
+    """The chart as a user installs it (release and namespace compute-api, hooks included) running
+    ``image``, with one API replica: a second one proves nothing here and two cores run everything."""
+    return helm_template(values, release=BASE_RELEASE, namespace=BASE_NAMESPACE,
+                         set_values=[*image_values(image), "api.replicas=1"])
 
 
 @pytest.fixture
-def pods(image: str) -> Iterator[Pods]:
-    started = Pods(image)
+def new_cluster(image: str, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """Makes clusters in a box from rendered documents; every one is removed after the test,
+    whatever happens (its containers' logs are kept in the test's tmp_path)."""
+    images = build_helper_images()
+    clusters: list[Cluster] = []
+
+    def make(documents: list[dict[str, Any]], secrets: dict[str, Path] | None = None) -> Cluster:
+        workdir = tmp_path / f"cluster-{len(clusters)}"
+        clusters.append(Cluster(documents, BASE_NAMESPACE, workdir, images.nginx, images.pause, secrets))
+        return clusters[-1]
+
     try:
-        yield started
+        yield make
     finally:
-        started.close()
+        for cluster in clusters:
+            cluster.close()
 
 
-def wait_http(url: str, timeout: float, pods: Pods) -> None:
-    def ok() -> bool:
-        return httpx.get(url, timeout=3).status_code == 200
-
-    try:
-        wait_until(ok, timeout, interval=0.5, what=url)
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n{pods.logs()}") from None
+def get_json(cluster: Cluster, path: str) -> Any:
+    """GET ``path`` the way users reach the API: through the ingress, by its host name."""
+    response = cluster.http.get(f"{cluster.ingress_url}{path}", headers={"Host": cluster.ingress_host}, timeout=60)
+    assert response.status_code == 200, (path, response.status_code, response.text[:300])
+    return response.json()
 
 
 # --- the image itself ------------------------------------------------------------------------------
@@ -159,8 +104,9 @@ def test_image_serves_every_role_and_has_what_the_pods_call(image: str) -> None:
         " python3 -c 'import service.tasks, distributed; print(\"tasks\", distributed.__version__)';"
         " if command -v gcc || command -v cc || command -v make; then echo COMPILER; fi; id -u"
     )
-    result = podman("run", "--rm", "--read-only", "--tmpfs", "/tmp", image, "sh", "-c", script, timeout=120)
+    result = one_off(image, "sh", "-c", script)
     output = result.stdout + result.stderr
+    assert result.returncode == 0, output
     assert f"version {distributed.__version__}" in output, output
     assert f"tasks {distributed.__version__}" in output, output
     assert "/usr/bin/sleep" in output or "/bin/sleep" in output, output
@@ -168,157 +114,108 @@ def test_image_serves_every_role_and_has_what_the_pods_call(image: str) -> None:
     assert result.stdout.strip().splitlines()[-1] == str(UID)
 
 
-def test_embedded_api_runs_read_only_as_non_root(pods: Pods) -> None:
-    port = free_port()
-    container = pods.run("embedded", API_COMMAND, env={"EMBEDDED_WORKERS": "2"}, publish={port: 8000})
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/readyz", 120, pods)
-    assert httpx.get(f"{url}/fib/10", timeout=30).json() == {"n": 10, "value": 55}
-    assert httpx.get(f"{url}/fast", timeout=5).json() == {"message": "Hello!"}
+def embedded_pod(cluster: Cluster) -> dict[str, Any]:
+    """The chart's API pod with the image's default command and no scheduler address: the embedded
+    mode `podman run IMAGE` gives, under the chart's securityContext, /tmp emptyDir and probes."""
+    template = copy.deepcopy(cluster.api_deployment["spec"]["template"])
+    container = template["spec"]["containers"][0]
+    for key in ("command", "args", "envFrom"):
+        container.pop(key, None)
+    container["env"] = [{"name": "EMBEDDED_WORKERS", "value": "2"}]
+    # The API pod's memory limit is sized for the API alone; here a scheduler and two workers share it.
+    container.pop("resources", None)
+    return template
+
+
+def test_embedded_api_runs_read_only_as_non_root(new_cluster: Callable[..., Cluster], image: str) -> None:
+    cluster = new_cluster(chart(image))
+    cluster.create_network()
+    pod = cluster.run_pod("embedded", "embedded", embedded_pod(cluster))
+    cluster.wait_ready(pod, timeout=120)  # its startup, then readiness (/readyz) probe
+    url = f"http://{cluster.ip(pod)}:{pod.spec.port('http')}"
+    assert cluster.http.get(f"{url}/fib/10", timeout=30).json() == {"n": 10, "value": fib_value(10)}
+    assert cluster.http.get(f"{url}/fast", timeout=5).json() == {"message": "Hello!"}
     # Every process (uvicorn and the embedded Dask scheduler/worker processes) runs as 10001.
-    statuses = podman("exec", container, "sh", "-c", "cat /proc/[0-9]*/status").stdout
+    statuses = podman("exec", pod.container, "sh", "-c", "cat /proc/[0-9]*/status").stdout
     uids = {line.split()[1] for line in statuses.splitlines() if line.startswith("Uid:")}
     assert uids == {str(UID)}, uids
+    write = podman("exec", pod.container, "touch", "/probe", check=False)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr, write
     # PID 1 handles SIGTERM itself (exec form, no shell): a graceful exit with status 0.
-    podman("stop", "--time", "30", container, timeout=60)
-    state = json.loads(podman("inspect", container).stdout)[0]["State"]
-    assert state["ExitCode"] == 0, (state, pods.logs())
+    podman("stop", "--time", "30", pod.container, timeout=60)
+    state = json.loads(podman("inspect", pod.container).stdout)[0]["State"]
+    assert state["ExitCode"] == 0, (state, cluster.logs(pod)[-3000:])
 
 
 # --- the chart's pods, in containers -------------------------------------------------------------------
 
 
-def chart_pods(values_file: Path | None = None) -> dict[str, Any]:
-    """Command, env and ports of the API, scheduler and worker containers as the chart and the
-    operator define them (release compute-api, namespace compute-api)."""
-    documents = helm_template(values_file)
-    cluster = one(documents, "DaskCluster")
-    operator = operator_pods(cluster)
-    api = one(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    scheduler = operator["scheduler"]["spec"]["containers"][0]
-    worker = operator["worker"]["spec"]["containers"][0]
-    service_name = f"{cluster['metadata']['name']}-scheduler"
-    api_service = one(documents, "Service")
-    return {
-        "api": {"command": api["command"], "env": one(documents, "ConfigMap")["data"] | env_of(api)},
-        "scheduler": {"command": scheduler["command"], "env": env_of(scheduler)},
-        "worker": {"command": [expand(arg, env_of(worker)) for arg in worker["command"]], "env": env_of(worker)},
-        # What cluster DNS would resolve: <svc> and <svc>.<ns>.svc.cluster.local.
-        "scheduler_aliases": (service_name, f"{service_name}.{BASE_NAMESPACE}.svc.cluster.local"),
-        "api_alias": api_service["metadata"]["name"],
-        "api_service_port": api_service["spec"]["ports"][0]["port"],
-        "helm_test": one(documents, "Pod")["spec"]["containers"][0]["command"],
-        "worker_name": env_of(worker)["DASK_WORKER_NAME"],
-    }
+def run_helm_test(cluster: Cluster, documents: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+    """The chart's `helm test` hook Pod, run once on the cluster's network. Its URL names the API
+    Service, which this box does not have: the name resolves to the API pod and the URL's port
+    becomes the Service's target port on it."""
+    hook = copy.deepcopy(one(documents, "Pod"))
+    service = one(documents, "Service")
+    (api,) = cluster.api_pods()
+    port = service["spec"]["ports"][0]["port"]
+    command = hook["spec"]["containers"][0]["command"]
+    command[-1] = command[-1].replace(f":{port}", f":{api.spec.port(target_port(service, port))}")
+    return cluster.run_to_completion(hook, hosts={service["metadata"]["name"]: cluster.ip(api)})
 
 
-def start_cluster(pods: Pods, spec: dict[str, Any], volumes: tuple[str, ...] = ()) -> dict[str, str]:
-    network = pods.network()
-    dashboard, api_port = free_port(), free_port()
-    pods.run(
-        "scheduler",
-        spec["scheduler"]["command"],
-        env=spec["scheduler"]["env"],
-        network=network,
-        aliases=spec["scheduler_aliases"],
-        publish={dashboard: 8787},
-        volumes=volumes,
-    )
-    wait_http(f"http://127.0.0.1:{dashboard}/health", 60, pods)
-    pods.run("worker", spec["worker"]["command"], env=spec["worker"]["env"], network=network, volumes=volumes)
-    pods.run(
-        "api",
-        spec["api"]["command"],
-        env=spec["api"]["env"],
-        network=network,
-        aliases=(spec["api_alias"],),
-        publish={api_port: 8000},
-        volumes=volumes,
-    )
-    urls = {"network": network, "dashboard": f"http://127.0.0.1:{dashboard}", "api": f"http://127.0.0.1:{api_port}"}
+def test_chart_pods_run_the_remote_cluster(new_cluster: Callable[..., Cluster], image: str) -> None:
+    """Scheduler, worker and API with the chart's default values: the API reaches the scheduler
+    through its Service name, the worker registers under the operator's name, the scheduler's HTTP
+    API (what the DaskAutoscaler polls), /health (its probes) and /metrics answer, and the chart's
+    `helm test` hook passes."""
+    documents = chart(image)
+    cluster = new_cluster(documents).start(workers=1)  # scheduler /health probed ready on the way
+    assert get_json(cluster, "/readyz")["workers"] >= 1
+    assert [w["name"] for w in cluster.scheduler_workers()] == [
+        p.spec.env()["DASK_WORKER_NAME"] for p in cluster.worker_pods()
+    ]
+    assert get_json(cluster, "/fib/25") == {"n": 25, "value": fib_value(25)}
+    assert cluster.dask_computations() >= 1  # computed on a worker, not inline in the API
 
-    # The worker has registered (under the operator's name) and the API is ready.
-    def worker_registered() -> bool:
-        workers = httpx.get(f"{urls['dashboard']}/api/v1/get_workers", timeout=3).json()["workers"]
-        return [w["name"] for w in workers] == [spec["worker_name"]]
+    assert "workers" in cluster.scheduler_api("adaptive_target")
+    assert "dask_scheduler_workers" in cluster.http.get(cluster.scheduler_url("/metrics")).text
 
-    try:
-        wait_until(worker_registered, 90, interval=0.5, what="worker registered with the scheduler")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n{pods.logs()}") from None
-
-    # ... and the API has seen it (it answers 503 "no workers" until its cached count refreshes).
-    def api_sees_worker() -> bool:
-        response = httpx.get(f"{urls['api']}/readyz", timeout=3)
-        return response.status_code == 200 and response.json().get("workers", 0) >= 1
-
-    try:
-        wait_until(api_sees_worker, 120, interval=0.5, what="API ready with one worker")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n{pods.logs()}") from None
-    return urls
+    result = run_helm_test(cluster, documents)
+    assert result.returncode == 0 and "ok:" in result.stdout, result.stdout + result.stderr
 
 
-def run_on_network(network: str, image: str, *command: str, user: str | None = None) -> Any:
-    """A one-off read-only container on the cluster's network (``check=False``: callers inspect it)."""
-    options = ["--user", user] if user else []
-    return podman("run", "--rm", "--network", network, "--read-only", "--tmpfs", "/tmp", *options, image, *command,
-                  timeout=120, check=False)
+def tls_secret(documents: list[dict[str, Any]], directory: Path) -> dict[str, Path]:
+    """The Secret the TLS values mount, as cert-manager would issue it for the scheduler's Service
+    names (distributed checks the chain, not host names), readable by the pods' fsGroup."""
+    daskcluster = one(documents, "DaskCluster")
+    scheduler = daskcluster["spec"]["scheduler"]["spec"]
+    name = next(v["secret"]["secretName"] for v in scheduler["volumes"] if "secret" in v)
+    service = f"{daskcluster['metadata']['name']}-scheduler"
+    dns_names = [service, f"{service}.{BASE_NAMESPACE}.svc.cluster.local"]
+    return {name: write_tls_secret(directory, dns_names, group_id=scheduler["securityContext"]["fsGroup"])}
 
 
-def computed_on_dask(api: str) -> float:
-    """compute_api_computations_total{where="dask"}: proves a request went through the cluster
-    (small n may be computed inline in the API process)."""
-    return sum(
-        value
-        for name, value in scrape(api).items()
-        if name.startswith("compute_api_computations_total") and 'where="dask"' in name
-    )
-
-
-def test_chart_pods_run_the_remote_cluster(pods: Pods) -> None:
-    """Scheduler, worker and API with the chart's exact commands and env: the API reaches the
-    scheduler through its Service name, the worker registers under the operator's name, and the
-    scheduler's HTTP API (what the DaskAutoscaler polls) and /health (its probes) answer."""
-    spec = chart_pods()
-    urls = start_cluster(pods, spec)
-    assert httpx.get(f"{urls['api']}/fib/25", timeout=60).json() == {"n": 25, "value": 75025}
-    assert computed_on_dask(urls["api"]) >= 1
-
-    target = httpx.get(f"{urls['dashboard']}/api/v1/adaptive_target", timeout=10)
-    assert target.status_code == 200 and "workers" in target.json(), target.text
-    assert "dask_scheduler_workers" in httpx.get(f"{urls['dashboard']}/metrics", timeout=10).text
-
-    # The helm test hook, run as a pod on the same network. The Service maps its port to the
-    # container's 8000; podman has no Service, so the URL goes straight to the target port.
-    test_command = list(spec["helm_test"])
-    test_command[-1] = test_command[-1].replace(f":{spec['api_service_port']}", ":8000")
-    result = run_on_network(urls["network"], pods.image, *test_command, user=f"{UID}:{UID}")
-    assert result.returncode == 0 and "ok:" in result.stdout, result.stdout + result.stderr + pods.logs()
-
-
-def test_chart_pods_with_mutual_tls(pods: Pods, tmp_path: Path) -> None:
+def test_chart_pods_with_mutual_tls(new_cluster: Callable[..., Cluster], image: str, tmp_path: Path) -> None:
     """The TLS values: every hop is tls:// with certificates from the mounted Secret, and the
     scheduler refuses plain TCP (require-encryption)."""
-    spec = chart_pods(CHART / "ci" / "tls-values.yaml")
-    assert spec["api"]["env"]["DASK_SCHEDULER_ADDRESS"].startswith("tls://")
-    # distributed checks the chain, not host names (mutual auth)
-    secret = write_tls_secret(tmp_path / "secret", ["compute-api-dask"])
-    urls = start_cluster(pods, spec, volumes=(f"{secret}:/etc/dask/tls:ro",))
-    assert httpx.get(f"{urls['api']}/fib/24", timeout=60).json() == {"n": 24, "value": 46368}
-    assert computed_on_dask(urls["api"]) >= 1
-    workers = httpx.get(f"{urls['dashboard']}/api/v1/get_workers", timeout=10).json()["workers"]
+    documents = chart(image, CHART / "ci" / "tls-values.yaml")
+    cluster = new_cluster(documents, secrets=tls_secret(documents, tmp_path / "secret")).start(workers=1)
+    (api,) = cluster.api_pods()
+    assert api.spec.env()["DASK_SCHEDULER_ADDRESS"].startswith("tls://")
+    assert get_json(cluster, "/fib/24") == {"n": 24, "value": fib_value(24)}
+    assert cluster.dask_computations() >= 1
+    workers = cluster.scheduler_workers()
     assert len(workers) == 1 and workers[0]["address"].startswith("tls://"), workers
 
     # A client without certificates cannot use the scheduler: plain TCP is refused.
-    plain = spec["scheduler_aliases"][0]
+    address = f"tcp://{cluster.scheduler_service_aliases[0]}:{cluster.scheduler.spec.port('tcp-comm')}"
     probe = (
         "import sys\nfrom distributed import Client\n"
-        f"try:\n    Client('tcp://{plain}:8786', timeout=5)\n"
+        f"try:\n    Client('{address}', timeout=5)\n"
         "except Exception as exc:\n    print('refused', type(exc).__name__)\n"
         "else:\n    sys.exit('plain TCP accepted')\n"
     )
-    result = run_on_network(urls["network"], pods.image, "python3", "-c", probe)
+    result = one_off(image, "python3", "-c", probe, network=cluster.network)
     assert "refused" in result.stdout, result.stdout + result.stderr
 
 

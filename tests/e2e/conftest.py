@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from _k8s_helpers import CHART, built_image, helm_template, podman
 
-from e2e.ingress import NGINX_CONTAINERFILE
 from e2e.load import SUMMARY, summary_table
-from e2e.runner import PAUSE_CONTAINERFILE, Cluster, base_image, build_local_image
+from e2e.runner import Cluster, HelperImages, build_helper_images, image_values
 
 NAMESPACE = "e2e"
 RELEASE = "e2e"
@@ -37,26 +35,14 @@ def image(podman_works: None) -> str:
     return built_image()  # shared with the image tests: built once per session
 
 
-@dataclass(frozen=True)
-class HelperImages:
-    nginx: str
-    pause: str
-
-
 @pytest.fixture(scope="session")
 def helper_images(image: str) -> HelperImages:
-    base = base_image()  # exists once the project's image is built
-    return HelperImages(
-        nginx=build_local_image(NGINX_CONTAINERFILE, base, "localhost/compute-api-e2e-nginx"),
-        pause=build_local_image(PAUSE_CONTAINERFILE, base, "localhost/compute-api-e2e-pause"),
-    )
+    return build_helper_images()  # from the base the project's image was built on: after ``image``
 
 
 def render(values: Path, image: str) -> list[dict]:
-    repository, tag = image.rsplit(":", 1)
-    documents = helm_template(values, release=RELEASE, namespace=NAMESPACE,
-                              set_values=[f"image.repository={repository}", f"image.tag={tag}"], include_hooks=False)
-    return documents
+    return helm_template(values, release=RELEASE, namespace=NAMESPACE, set_values=image_values(image),
+                         include_hooks=False)
 
 
 def started_cluster(documents: list[dict], workdir: Path, images: HelperImages,

@@ -151,7 +151,6 @@ class PodContainer:
 
     def run_args(self, name: str, pod: str, labels: Mapping[str, str]) -> list[str]:
         """`podman run -d` of this container in ``pod``: what the kubelet would set up for it."""
-        entrypoint, args = self.command()
         run = [
             "run", "--detach", "--name", name, "--pod", pod,
             # restartPolicy Always (Deployment pods): a container that exits is started again.
@@ -160,6 +159,13 @@ class PodContainer:
         ]
         for key, value in labels.items():
             run += ["--label", f"{key}={value}"]
+        return [*run, *self.container_args()]
+
+    def container_args(self) -> list[str]:
+        """The end of a `podman run` of this container, whatever runs it (a Deployment's pod, a hook
+        run once): env, securityContext, resources, volumes and entrypoint, then image and arguments."""
+        entrypoint, args = self.command()
+        run: list[str] = []
         for key, value in self.env().items():
             run += ["--env", f"{key}={value}"]
         run += self.security_args() + self.resource_args() + self.volume_args()

@@ -12,6 +12,7 @@ Commands, arguments, environment, ports and images are taken verbatim from the m
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import subprocess
@@ -26,7 +27,7 @@ from typing import Any
 import httpx
 from _k8s_helpers import by_kind, one, operator_pods, podman, podman_env
 
-from e2e.ingress import CONFIG_DIR, nginx_config, routes, target_port
+from e2e.ingress import CONFIG_DIR, NGINX_CONTAINERFILE, nginx_config, routes, target_port
 from e2e.pods import PodContainer, containers_of, operator_worker_pod, pod_name
 from e2e.probes import Prober
 
@@ -64,6 +65,45 @@ def base_image() -> str:
         if podman("image", "exists", candidate, check=False).returncode == 0:
             return candidate
     raise AssertionError("no Python base image: run scripts/build-image.sh (it builds localhost/python-base:bookworm)")
+
+
+# -- what any test needs to run the chart's pods (tests/e2e, tests/test_image.py) --------------------
+
+
+@dataclass(frozen=True)
+class HelperImages:
+    """The images a cluster runs besides the project's: the ingress controller and the pods' infra."""
+
+    nginx: str
+    pause: str
+
+
+@functools.cache
+def build_helper_images() -> HelperImages:
+    """Built once per session, FROM the base the project's image was built on (so build that first:
+    ``_k8s_helpers.built_image``); every test that runs the chart's pods shares them."""
+    base = base_image()
+    return HelperImages(
+        nginx=build_local_image(NGINX_CONTAINERFILE, base, "localhost/compute-api-e2e-nginx"),
+        pause=build_local_image(PAUSE_CONTAINERFILE, base, "localhost/compute-api-e2e-pause"),
+    )
+
+
+def image_values(image: str) -> list[str]:
+    """``helm --set`` assignments that make the chart's pods run ``image``, the locally built tag."""
+    repository, tag = image.rsplit(":", 1)
+    return [f"image.repository={repository}", f"image.tag={tag}"]
+
+
+def one_off(image: str, *command: str, network: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``command`` run to completion in a throw-away container of ``image``: the image's own user,
+    a read-only root with a writable /tmp (what every pod of the chart gets), optionally on a
+    cluster's network (a client the chart does not define). ``check=False``: callers assert on the
+    exit code and the output, which is what they are about."""
+    options = ["--network", network] if network else []
+    return podman("run", "--rm", "--read-only", "--tmpfs", "/tmp", *options, image, *command,
+                  timeout=timeout, check=False)
 
 
 @dataclass
@@ -170,10 +210,32 @@ class Cluster:
         with open(self.log_dir / f"{pod.name}.log", "a") as log:
             log.write(self.logs(pod))
 
+    # -- pods outside the controllers (tests/test_image.py): same kubelet, nobody manages them --------
+
+    def create_network(self) -> None:
+        """The cluster's network: ``start`` creates it; a test running only its own pods calls this."""
+        podman("network", "create", "--label", f"{RUN_LABEL}={self.prefix}", self.network)
+
+    def run_pod(self, role: str, name: str, pod: dict[str, Any]) -> Pod:
+        """``pod`` (a pod template, e.g. a variant of one the chart renders) translated exactly like
+        the cluster's own pods, but owned by no controller: not probed, not in the endpoints."""
+        return self._run_pod(role, name, pod)
+
+    def run_to_completion(self, pod: dict[str, Any], hosts: dict[str, str] | None = None,
+                          timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """A restartPolicy Never pod (the chart's `helm test` hook) run once on the cluster's network,
+        as the kubelet runs it; ``hosts`` (name -> IP) stand in for Service names this box has no DNS
+        for. ``check=False``: callers assert on the exit code and the output."""
+        assert pod["spec"].get("restartPolicy") == "Never", "only a pod that runs once runs to completion"
+        (container,) = containers_of(pod, self.config_maps, self.secrets)
+        options = ["--network", self.network, "--label", f"{RUN_LABEL}={self.prefix}"]
+        options += [f"--add-host={name}:{address}" for name, address in (hosts or {}).items()]
+        return podman("run", "--rm", *options, *container.container_args(), timeout=timeout, check=False)
+
     # -- the whole cluster ---------------------------------------------------------------------------
 
     def start(self, workers: int | None = None) -> Cluster:
-        podman("network", "create", "--label", f"{RUN_LABEL}={self.prefix}", self.network)
+        self.create_network()
         self.start_scheduler()
         for _ in range(self.daskcluster["spec"]["worker"]["replicas"] if workers is None else workers):
             self.add_worker()

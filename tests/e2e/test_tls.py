@@ -13,9 +13,9 @@ from certificates import write_tls_secret
 from distributed import Client
 from distributed.security import Security
 
-from e2e.conftest import E2E_TLS_VALUES, HelperImages, render, started_cluster
+from e2e.conftest import E2E_TLS_VALUES, render, started_cluster
 from e2e.load import LoadDriver, record
-from e2e.runner import Cluster
+from e2e.runner import Cluster, HelperImages
 
 # The first test also waits for the image builds (scripts/build-image.sh, nginx) and the cluster.
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
