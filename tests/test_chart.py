@@ -47,6 +47,7 @@ from service.config import Settings
 
 VALUES_IDS = [path.name for path in CI_VALUES]
 NAMESPACE = "apps"
+GATEWAY_VALUES = CHART / "ci" / "gateway-values.yaml"
 
 
 @pytest.fixture(scope="module", params=CI_VALUES, ids=VALUES_IDS)
@@ -109,14 +110,20 @@ def test_helm_lint_strict_with_ci_values(values_file: Path) -> None:
 
 def test_ci_values_cover_the_options() -> None:
     names = set(VALUES_IDS)
-    expected = {"default-values.yaml", "tls-values.yaml", "hpa-ingress-values.yaml", "scale-to-zero-values.yaml"}
+    expected = {
+        "default-values.yaml",
+        "tls-values.yaml",
+        "hpa-ingress-values.yaml",
+        "scale-to-zero-values.yaml",
+        "gateway-values.yaml",
+    }
     assert expected <= names, names
 
 
 def test_every_object_validates_strictly(rendered: list[dict[str, Any]]) -> None:
     """Built-ins against Kubernetes 1.30 and 1.35 (strict); DaskCluster/DaskAutoscaler against the
     installed operator's CRDs, with the pod and service specs inside a DaskCluster also checked
-    against the full Kubernetes schemas."""
+    against the full Kubernetes schemas; HTTPRoute against the Gateway API CRD in tests/crds."""
     validate_all(rendered)
     assert by_kind(rendered, "DaskCluster"), "no DaskCluster rendered"
 
@@ -204,6 +211,28 @@ def test_keepalive_outlives_the_ingress(rendered: list[dict[str, Any]]) -> None:
     """ingress-nginx keeps upstream connections 60 s; uvicorn must keep them longer or 502s follow."""
     data = api_config_map(rendered)["data"]
     assert float(data.get("KEEPALIVE_TIMEOUT", Settings.from_environ({}).keepalive_timeout)) > 60
+
+
+def _seconds(duration: str) -> float:
+    """A Gateway API duration (GEP-2257: 40s, 1m30s, 500ms) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"([0-9]+)(ms|h|m|s)", duration)
+    assert "".join(number + unit for number, unit in parts) == duration, duration
+    return sum(int(number) * units[unit] for number, unit in parts)
+
+
+def test_routes_wait_longer_than_the_api(rendered: list[dict[str, Any]], request: pytest.FixtureRequest) -> None:
+    """A gateway that gives up first answers a bare 504 where the API would have answered with its
+    own (REQUEST_TIMEOUT). Envoy-based gateways give up after 15 s unless the route says otherwise,
+    so the Envoy Gateway scenario (ci/gateway-values.yaml) sets every rule's ("0s" would mean none)."""
+    config = one(rendered, "ConfigMap")["data"]
+    request_timeout = float(config.get("REQUEST_TIMEOUT", Settings.from_environ({}).request_timeout))
+    for route in by_kind(rendered, "HTTPRoute"):
+        for rule in route["spec"]["rules"]:
+            if request.node.callspec.params["rendered"] == GATEWAY_VALUES:
+                assert "request" in rule.get("timeouts", {}), rule
+            for timeout in rule.get("timeouts", {}).values():
+                assert _seconds(timeout) == 0 or _seconds(timeout) > request_timeout, rule
 
 
 def test_api_config_accepts_exactly_the_services_settings() -> None:
@@ -496,6 +525,22 @@ def test_workers_reach_only_dns_the_scheduler_and_each_other(default_render: lis
     assert off["spec"]["policyTypes"] == ["Ingress"] and "egress" not in off["spec"]
 
 
+def test_the_gateway_proxies_are_admitted_to_the_api_port_only() -> None:
+    """networkPolicy.gatewayNamespace opens the port the HTTPRoute leads to (backendRef port ->
+    Service port -> targetPort), as for the ingress controller, and nothing else."""
+    rendered = helm_template(GATEWAY_VALUES)
+    gateway = values(GATEWAY_VALUES)["networkPolicy"]["gatewayNamespace"]
+    api_policy = _policy(rendered, "-api")
+    service_ports = {port["port"]: port for port in one(rendered, "Service")["spec"]["ports"]}
+    for rule in one(rendered, "HTTPRoute")["spec"]["rules"]:
+        for backend in rule["backendRefs"]:
+            target = service_ports[backend["port"]]["targetPort"]
+            assert _namespaces_allowed(api_policy, target) == {"ingress-nginx", gateway}
+    for suffix, ports in (("-scheduler", ("tcp-comm", "http-dashboard")), ("-worker", ("tcp-worker", "tcp-nanny"))):
+        for port in ports:
+            assert gateway not in _namespaces_allowed(_policy(rendered, suffix), port), (suffix, port)
+
+
 def test_the_metrics_scraper_is_admitted_to_the_metrics_ports_only() -> None:
     rendered = helm_template(set_values=["networkPolicy.metricsScraperNamespace=monitoring"])
     for suffix, port in (("-api", "http"), ("-scheduler", "http-dashboard"), ("-worker", "http-dashboard")):
@@ -601,6 +646,99 @@ def test_notes_explain_ingress_scaling_and_dashboard() -> None:
         "dask-kubernetes-operator",
     ):
         assert expected in notes, expected
+
+
+# --- Gateway API ---------------------------------------------------------------------------------------------
+
+
+def test_httproute_routes_only_to_the_api(rendered: list[dict[str, Any]]) -> None:
+    """Every rule, additional ones included, sends to the API Service on a port it exposes."""
+    service = one(rendered, "Service")
+    ports = {port["port"] for port in service["spec"]["ports"]}
+    for route in by_kind(rendered, "HTTPRoute"):
+        for rule in route["spec"]["rules"]:
+            assert rule["backendRefs"], rule
+            for backend in rule["backendRefs"]:
+                assert backend.get("group", "") == "" and backend.get("kind", "Service") == "Service"
+                assert backend["name"] == service["metadata"]["name"]
+                assert backend["port"] in ports, (backend, ports)
+
+
+def test_httproute_options() -> None:
+    documents = helm_template(GATEWAY_VALUES, namespace=NAMESPACE)
+    effective = values(GATEWAY_VALUES)["httpRoute"]
+    route = one(documents, "HTTPRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == effective["parentRefs"]
+    assert route["spec"]["hostnames"] == effective["hostnames"]
+    assert route["metadata"]["annotations"] == effective["annotations"]
+    assert effective["labels"].items() <= route["metadata"]["labels"].items()
+    *additional, api_rule = route["spec"]["rules"]
+    assert len(additional) == len(effective["additionalRules"])
+    assert additional[0]["backendRefs"][0]["name"] == one(documents, "Service")["metadata"]["name"], "tpl applied"
+    assert api_rule["matches"] == effective["matches"]
+    assert api_rule["filters"] == effective["filters"]
+    assert api_rule["timeouts"] == effective["timeouts"]
+    # A migration: the Ingress keeps serving the same host beside the route.
+    assert one(documents, "Ingress")["spec"]["rules"][0]["host"] in route["spec"]["hostnames"]
+    # Off by default; on its own, with a Gateway named and nothing else, it is a valid route.
+    assert by_kind(helm_template(), "HTTPRoute") == []
+    alone = helm_template(
+        set_values=["ingress.enabled=false", "httpRoute.enabled=true", "httpRoute.parentRefs[0].name=eg"]
+    )
+    assert by_kind(alone, "Ingress") == []
+    assert one(alone, "HTTPRoute")["spec"]["parentRefs"] == [{"name": "eg"}]
+    validate_all(alone)
+
+
+def test_httproute_validation_against_the_crd_is_not_vacuous() -> None:
+    route = one(helm_template(GATEWAY_VALUES), "HTTPRoute")
+    validate_custom_resource(route)
+    mistakes = {
+        "prot": lambda r: r["spec"]["rules"][-1]["backendRefs"][0].update(prot=80),
+        "hostnames/1": lambda r: r["spec"]["hostnames"].append("Compute.example.com:443"),
+        "timeouts/request": lambda r: r["spec"]["rules"][-1]["timeouts"].update(request="40 seconds"),
+        "'name' is a required property": lambda r: r["spec"]["parentRefs"][0].pop("name"),
+        "port": lambda r: r["spec"]["rules"][-1]["backendRefs"][0].update(port="http"),
+    }
+    for expected, mistake in mistakes.items():
+        broken = copy.deepcopy(route)
+        mistake(broken)
+        with pytest.raises(AssertionError, match=re.escape(expected)):
+            validate_custom_resource(broken)
+
+
+@pytest.mark.parametrize(
+    ("assignments", "refused"),
+    [
+        ([], "parentRefs"),
+        (["httpRoute.parentRefs[0].name=eg", "httpRoute.parentRefs[0].namepsace=gateways"], "namepsace"),
+        (["httpRoute.parentRefs[0].name=eg", "httpRoute.hostname[0]=compute.example.com"], "hostname"),
+        (["httpRoute.parentRefs[0].name=eg", "httpRoute.hostnames[0]=compute.example.com:443"], "hostnames"),
+        (["httpRoute.parentRefs[0].name=eg", "httpRoute.timeouts.request=40"], "request"),
+    ],
+    ids=["no Gateway", "typo in a parentRef", "typo in a key", "host with a port", "duration without a unit"],
+)
+def test_values_schema_refuses_a_broken_httproute(assignments: list[str], refused: str) -> None:
+    cmd = [helm(), "template", "x", str(CHART), "--set", "httpRoute.enabled=true"]
+    for assignment in assignments:
+        cmd += ["--set", assignment]
+    result = run(cmd, check=False)
+    assert result.returncode != 0 and refused in result.stderr, result.stderr
+
+
+def test_notes_explain_how_to_reach_the_gateway() -> None:
+    def notes(*args: str) -> str:
+        cmd = [helm(), "install", "compute-api", str(CHART), "--dry-run=client", "--namespace", NAMESPACE, *args]
+        return run(cmd).stdout.split("NOTES:", 1)[1]
+
+    gateway = notes("--values", str(GATEWAY_VALUES))
+    assert "kubectl get gateway public -n gateway-system -o jsonpath='{.status.addresses[0].value}'" in gateway
+    assert "kubectl get httproute compute-api" in gateway
+    assert "WARNING" not in gateway
+    # With the NetworkPolicies on and no Gateway namespace admitted, the route could not reach the API.
+    unreachable = notes("--set", "httpRoute.enabled=true", "--set", "httpRoute.parentRefs[0].name=eg")
+    assert "WARNING" in unreachable and "networkPolicy.gatewayNamespace" in unreachable
 
 
 # --- scaling the workers: every documented way -------------------------------------------------------------
