@@ -225,7 +225,7 @@ def test_routes_wait_longer_than_the_api(rendered: list[dict[str, Any]], request
     """A gateway that gives up first answers a bare 504 where the API would have answered with its
     own (REQUEST_TIMEOUT). Envoy-based gateways give up after 15 s unless the route says otherwise,
     so the Envoy Gateway scenario (ci/gateway-values.yaml) sets every rule's ("0s" would mean none)."""
-    config = one(rendered, "ConfigMap")["data"]
+    config = api_config_map(rendered)["data"]
     request_timeout = float(config.get("REQUEST_TIMEOUT", Settings.from_environ({}).request_timeout))
     for route in by_kind(rendered, "HTTPRoute"):
         for rule in route["spec"]["rules"]:
