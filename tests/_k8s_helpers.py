@@ -106,6 +106,17 @@ def helm_template(
     return load_documents(run(cmd, timeout=120).stdout)
 
 
+def as_applied(doc: dict[str, Any], release: str, namespace: str) -> dict[str, Any]:
+    """A rendered object as the API server holds it after Helm applied it: namespaced, with Helm's
+    ownership annotations (what `lookup` returns)."""
+    live = copy.deepcopy(doc)
+    live["metadata"]["namespace"] = namespace
+    live["metadata"]["annotations"] = live["metadata"].get("annotations", {}) | {
+        "meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": namespace,
+    }
+    return live
+
+
 def retiring_clusters(live: list[dict[str, Any]], current: str, *, release: str = BASE_RELEASE,
                       idle_timeout: int = 300) -> list[dict[str, Any]]:
     """What the chart re-applies for the release's older DaskClusters during an upgrade, given the

@@ -25,6 +25,7 @@ from _k8s_helpers import (
     CHART,
     CI_VALUES,
     RECOMMENDED_LABELS,
+    as_applied,
     assert_restricted,
     by_kind,
     env_of,
@@ -979,13 +980,7 @@ def test_every_dashboard_query_reads_one_release(monitored: list[dict[str, Any]]
 
 
 def helm_owned(doc: dict[str, Any], release: str = "compute-api") -> dict[str, Any]:
-    """A rendered object as the API server holds it after `helm install`: Helm's ownership marks."""
-    live = copy.deepcopy(doc)
-    live["metadata"]["namespace"] = NAMESPACE
-    live["metadata"]["annotations"] = {
-        "meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": NAMESPACE,
-    }
-    return live
+    return as_applied(doc, release, NAMESPACE)
 
 
 def test_a_changed_image_or_dask_pod_spec_is_a_new_cluster_and_the_api_follows() -> None:

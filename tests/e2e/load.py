@@ -10,12 +10,15 @@ can scale, kill and restart containers while the load goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import random
+import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,8 +143,8 @@ class LocustRun:
     stats: dict[str, dict[str, str]]  # request name -> the row of <prefix>_stats.csv
 
 
-def run_locust(host_url: str, resolve: tuple[str, str], csv_prefix: Path, *, users: int, spawn_rate: float,
-               run_time: str, extra: list[str]) -> LocustRun:
+def _locust_command(host_url: str, resolve: tuple[str, str], csv_prefix: Path, *, users: int, spawn_rate: float,
+                    run_time: str, extra: list[str]) -> list[str]:
     """The project's locustfile, headless, with its SLO gate. ``resolve`` = (ingress host, nginx IP):
     the ingress host resolves to nginx for the Locust process only (its own mount namespace with
     its own /etc/hosts, as a DNS record would point the host at the ingress's load balancer)."""
@@ -152,15 +155,43 @@ def run_locust(host_url: str, resolve: tuple[str, str], csv_prefix: Path, *, use
               "--users", str(users), "--spawn-rate", str(spawn_rate), "--run-time", run_time,
               "--csv", str(csv_prefix), "--only-summary", "--exit-code-on-error", "1", *extra]
     script = 'mount --bind "$0" /etc/hosts && exec "$@"'
-    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-                             str(hosts_file), *locust],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    stats: dict[str, dict[str, str]] = {}
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(hosts_file), *locust]
+
+
+def _locust_stats(csv_prefix: Path) -> dict[str, dict[str, str]]:
     stats_path = Path(f"{csv_prefix}_stats.csv")
-    if stats_path.exists():
-        with stats_path.open() as f:
-            stats = {row["Name"]: row for row in csv.DictReader(f)}
-    return LocustRun(result.returncode, result.stdout + result.stderr, stats)
+    if not stats_path.exists():
+        return {}
+    with stats_path.open() as f:
+        return {row["Name"]: row for row in csv.DictReader(f)}
+
+
+def run_locust(host_url: str, resolve: tuple[str, str], csv_prefix: Path, *, users: int, spawn_rate: float,
+               run_time: str, extra: list[str]) -> LocustRun:
+    """A Locust swarm for ``run_time`` (see _locust_command)."""
+    command = _locust_command(host_url, resolve, csv_prefix, users=users, spawn_rate=spawn_rate,
+                              run_time=run_time, extra=extra)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return LocustRun(result.returncode, result.stdout + result.stderr, _locust_stats(csv_prefix))
+
+
+@contextlib.contextmanager
+def locust_swarm(host_url: str, resolve: tuple[str, str], csv_prefix: Path, *, users: int, spawn_rate: float,
+                 extra: list[str]) -> Iterator[list[LocustRun]]:
+    """A Locust swarm for as long as the ``with`` block lasts: stopped with SIGTERM, which Locust
+    takes as a graceful stop (users finish, stats written). The run is appended to the yielded list."""
+    command = _locust_command(host_url, resolve, csv_prefix, users=users, spawn_rate=spawn_rate,
+                              run_time="30m", extra=extra)
+    output = csv_prefix.parent / f"{csv_prefix.name}.log"
+    runs: list[LocustRun] = []
+    with output.open("w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield runs
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+    runs.append(LocustRun(process.returncode, output.read_text(), _locust_stats(csv_prefix)))
 
 
 # -- the summary table ---------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ class Cluster:
         self.daskcluster = one(documents, "DaskCluster")
         self.cluster_name = self.daskcluster["metadata"]["name"]
         self.release = self.daskcluster["metadata"]["labels"]["app.kubernetes.io/instance"]
+        self.retiring: dict[str, dict[str, Any]] = {}  # older DaskClusters draining after an upgrade
         self.api_deployment = next(d for d in by_kind(documents, "Deployment")
                                    if d["metadata"]["labels"].get("app.kubernetes.io/component") == "api")
         self.config_maps = {c["metadata"]["name"]: c["data"] for c in by_kind(documents, "ConfigMap")}
@@ -152,7 +153,10 @@ class Cluster:
         (container,) = containers_of(pod, self.config_maps, self.secrets)  # every pod here has one container
         pod_name = f"{self.prefix}-{name}"
         labels = {RUN_LABEL: self.prefix, "role": role}
-        podman(*container.pod_args(pod_name, hostname or name, self.network, list(aliases), labels, self.pause_image))
+        # The kubelet's truncatePodHostnameIfNeeded: a pod name longer than 63 becomes a 63-character
+        # hostname without a trailing '-' or '.' (a worker's name is long: <cluster>-default-worker-...).
+        hostname = (hostname or name)[:63].rstrip("-.")
+        podman(*container.pod_args(pod_name, hostname, self.network, list(aliases), labels, self.pause_image))
         podman(*container.run_args(f"{pod_name}-{container.container['name']}", pod_name, labels))
         self.pods[name] = Pod(role, name, f"{pod_name}-{container.container['name']}", container, pod_name)
         return self.pods[name]
@@ -301,7 +305,8 @@ class Cluster:
     # -- workers (the operator's DaskWorkerGroup <cluster>-default) ----------------------------------
 
     def worker_pods(self) -> list[Pod]:
-        return [p for p in self.pods.values() if p.role == "worker"]
+        """The current DaskCluster's workers (during an upgrade, the old cluster's still drain)."""
+        return [p for p in self.pods.values() if p.role == "worker" and p.name.startswith(f"{self.cluster_name}-")]
 
     def add_worker(self) -> Pod:
         name, pod = operator_worker_pod(self.daskcluster, self.namespace)
@@ -346,15 +351,23 @@ class Cluster:
 
     # -- API (the Deployment) and the ingress --------------------------------------------------------
 
-    def dask_computations(self) -> float:
-        """Distinct computations the API pods have submitted to the cluster (their /metrics), i.e.
-        work the workers did, not counting requests that shared one computation (coalescing)."""
+    def api_metric(self, series: str) -> float:
+        """The sum over the API pods of every /metrics sample whose line starts with ``series``."""
         total = 0.0
         for pod in self.api_pods():
             for line in self.http.get(f"http://{self.ip(pod)}:{pod.spec.port('http')}/metrics").text.splitlines():
-                if line.startswith('compute_api_computations_total{where="dask"}'):
+                if line.startswith(series):
                     total += float(line.rsplit(" ", 1)[1])
         return total
+
+    def dask_computations(self) -> float:
+        """Distinct computations the API pods have submitted to the cluster, i.e. work the workers
+        did, not counting requests that shared one computation (coalescing)."""
+        return self.api_metric('compute_api_computations_total{where="dask"}')
+
+    def api_requests(self) -> float:
+        """HTTP requests the API pods have answered, all routes and statuses."""
+        return self.api_metric("compute_api_requests_total{")
 
     def api_pods(self) -> list[Pod]:
         return [p for p in self.pods.values() if p.role == "api"]
@@ -436,3 +449,48 @@ class Cluster:
         remaining = pod.spec.grace_period() - pre_stop_s
         self._delete_pod(pod, grace=remaining)
         return {"pre_stop_s": pre_stop_s, "terminated_after_s": time.monotonic() - started}
+
+    # -- helm upgrade with a new image or Dask pod spec (the chart's upgrade path) -------------------
+
+    def upgrade(self, documents: list[dict[str, Any]], retiring: list[dict[str, Any]]) -> list[dict[str, float]]:
+        """`helm upgrade` as the cluster carries it out. Helm applies the new objects together: the
+        operator's create handler builds the new DaskCluster's scheduler and workers; the Deployment
+        controller rolls the API onto its new template (readiness-gated: a new API pod takes traffic
+        once it can compute on the new cluster); the old DaskCluster, re-applied with idleTimeout
+        (``retiring``), keeps serving the old API pods until retire_idle_clusters() deletes it."""
+        new = one(documents, "DaskCluster")
+        assert new["metadata"]["name"] != self.cluster_name, "this upgrade changes no Dask pod spec"
+        assert [doc["metadata"]["name"] for doc in retiring] == [self.cluster_name], retiring
+        self.retiring = {doc["metadata"]["name"]: doc for doc in retiring}
+        self.documents, self.daskcluster, self.cluster_name = documents, new, new["metadata"]["name"]
+        self.api_deployment = next(d for d in by_kind(documents, "Deployment")
+                                   if d["metadata"]["labels"].get("app.kubernetes.io/component") == "api")
+        self.config_maps = {c["metadata"]["name"]: c["data"] for c in by_kind(documents, "ConfigMap")}
+        self.start_scheduler()
+        for _ in range(new["spec"]["worker"]["replicas"]):
+            self.add_worker()
+        self.wait_for_workers(new["spec"]["worker"]["replicas"])
+        return self.rolling_restart_api()
+
+    def retire_idle_clusters(self, timeout: float = 300) -> dict[str, float]:
+        """The operator's autoshutdown timer (controller.py daskcluster_autoshutdown) for each retiring
+        cluster, every 5 s like the timer: GET its scheduler's /api/v1/check_idle, and once
+        idle_since + idleTimeout has passed, delete the DaskCluster; garbage collection deletes its
+        Deployments, whose pods are terminated as the kubelet does. Returns name -> seconds taken."""
+        started, deleted = time.monotonic(), {}
+        retiring = self.retiring
+        while retiring:
+            for name, doc in list(retiring.items()):
+                scheduler = self.pods[f"{name}-scheduler"]
+                url = f"http://{self.ip(scheduler)}:{scheduler.spec.port('http-dashboard')}/api/v1/check_idle"
+                idle_since = self.http.get(url).json()["idle_since"]
+                if idle_since and time.time() > idle_since + doc["spec"]["idleTimeout"]:
+                    for pod in [p for p in self.pods.values()
+                                if p.role in ("scheduler", "worker") and p.name.startswith(f"{name}-")]:
+                        self._delete_pod(pod)
+                    del retiring[name]
+                    deleted[name] = time.monotonic() - started
+            assert time.monotonic() - started < timeout, f"still not idle after {timeout} s: {list(retiring)}"
+            if retiring:
+                time.sleep(5)  # the timer's interval
+        return deleted

@@ -12,10 +12,12 @@ import time
 
 import dask.utils
 import pytest
-from _k8s_helpers import by_kind, podman
+import yaml
+from _k8s_helpers import as_applied, by_kind, one, podman, retiring_clusters
 from sizing import fib_n_lasting
 
-from e2e.load import SUMMARY, LoadDriver, Results, Row, record, run_locust
+from e2e.conftest import E2E_VALUES, NAMESPACE, RELEASE, render
+from e2e.load import SUMMARY, LoadDriver, Results, Row, locust_swarm, record, run_locust
 from e2e.prometheus import Prometheus, grafana_expression, scrape_configs
 from e2e.runner import Cluster
 
@@ -275,3 +277,49 @@ def test_8_prometheus_scrapes_every_pod_and_every_dashboard_query_has_data(clust
            f"{len(targets)} targets up in {up:.1f}s, {len(queries)} queries ({series} series) in {answered:.1f}s")
     assert_no_failures(load.results)
     cluster.scale_workers(1)
+
+
+def test_9_upgrade_to_a_new_image_under_a_locust_swarm(cluster: Cluster, image: str) -> None:
+    """`helm upgrade --set image.tag=NEW` under a Locust swarm: the DaskCluster, named after its spec,
+    comes up anew beside the old one, the API rolls onto it, and the operator deletes the old
+    cluster once its scheduler is idle. Every pod ends on the new image; at most 0.1 % fail."""
+    new_image = f"{image}-next"  # the same build under a new tag: to the pods, a new release
+    podman("tag", image, new_image)
+    old_cluster = cluster.cluster_name
+    documents = render(E2E_VALUES, new_image)
+    idle_timeout = yaml.safe_load(E2E_VALUES.read_text())["dask"]["upgrade"]["retireAfterIdleSeconds"]
+    # What Helm re-applies for the old cluster, from what its `lookup` returns in the namespace.
+    retiring = retiring_clusters([as_applied(cluster.daskcluster, RELEASE, NAMESPACE)],
+                                 one(documents, "DaskCluster")["metadata"]["name"], release=RELEASE,
+                                 idle_timeout=idle_timeout)
+    csv_prefix = cluster.workdir / "locust" / "upgrade"
+    csv_prefix.parent.mkdir(parents=True, exist_ok=True)
+    nginx_ip = cluster.ip(cluster.pods["ingress"])
+    swarm = locust_swarm(f"http://{cluster.ingress_host}", (cluster.ingress_host, nginx_ip), csv_prefix,
+                         users=10, spawn_rate=10, extra=["--fib-n", "20..25"])
+    with swarm as runs:
+        # The event: the swarm's requests reach the API pods.
+        deadline = time.monotonic() + 60
+        while cluster.api_requests() < 50:
+            assert time.monotonic() < deadline, "the Locust swarm sent nothing within 60 s"
+            time.sleep(0.5)
+        started = time.monotonic()
+        timings = cluster.upgrade(documents, retiring)
+        rolled = time.monotonic() - started
+        retired = cluster.retire_idle_clusters()[old_cluster]
+        assert cluster.api_requests() > 0  # still served after the old cluster is gone
+    (run,) = runs
+    total = run.stats.get("Aggregated")
+    assert total, f"no Locust stats:\n{run.output[-3000:]}"
+    requests, failures = int(total["Request Count"]), int(total["Failure Count"])
+    ratio = failures / requests
+    SUMMARY.append(Row("9 helm upgrade (new image) under Locust", requests, failures, float(total["50%"]),
+                       float(total["95%"]), float(total["Requests/s"]),
+                       f"rolled in {rolled:.0f}s, old cluster deleted {retired:.0f}s later, failure ratio {ratio:.4f}"))
+    print(f"rollout {timings}; old cluster {old_cluster} deleted {retired:.1f} s after the rollout")
+    images = {pod.name: podman("inspect", "--format", "{{.ImageName}}", pod.container).stdout.strip()
+              for pod in cluster.pods.values() if pod.spec is not None}
+    assert set(images.values()) == {new_image}, images
+    assert {pod.role for pod in cluster.pods.values() if pod.spec is not None} == {"api", "scheduler", "worker"}
+    assert not [name for name in cluster.pods if name.startswith(f"{old_cluster}-")], "the old cluster is left"
+    assert requests > 100 and ratio <= ROLLOUT_MAX_FAILURE_RATIO, run.output[-3000:]
