@@ -85,7 +85,8 @@ class Prober:
             while not self._stop.wait(0.2):
                 changed = False
                 for pod in list(self.cluster.pods.values()):
-                    if pod.spec is None or pod.name in self.cluster.stopped:
+                    # a stopped container is not probed; a frozen pod's node is gone with its kubelet
+                    if pod.spec is None or pod.name in self.cluster.stopped or pod.role == "frozen":
                         continue
                     with contextlib.suppress(Exception):  # the pod may be deleted under our feet
                         changed |= self._probe(http, pod, "readinessProbe")

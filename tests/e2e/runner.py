@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -494,3 +495,78 @@ class Cluster:
             if retiring:
                 time.sleep(5)  # the timer's interval
         return deleted
+
+    # -- the DaskAutoscaler (the operator's daskautoscaler_adapt timer) ------------------------------
+
+    @contextlib.contextmanager
+    def autoscaler(self) -> Iterator[list[tuple[float, int, int]]]:
+        """The operator's autoscaler timer for the rendered DaskAutoscaler, every 5 s while the block
+        runs: the scheduler's adaptive target, clamped and stepped as adapt() does, applied to the
+        worker group like `kubectl scale` (scale_workers). Yields the decisions taken: (time, from, to)."""
+        spec = one(self.documents, "DaskAutoscaler")["spec"]
+        decisions: list[tuple[float, int, int]] = []
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def timer() -> None:
+            cooldown_until = 0.0
+            while not stop.wait(5.0):
+                try:
+                    if time.monotonic() < cooldown_until:
+                        continue
+                    current = len(self.worker_pods())
+                    target = self.scheduler_api("adaptive_target")["workers"]
+                    desired = adapt(current, target, spec["minimum"], spec["maximum"])
+                    if desired != current:
+                        self.scale_workers(desired)
+                        decisions.append((time.monotonic(), current, desired))
+                        cooldown_until = time.monotonic() + 15
+                except BaseException as exc:  # reported by the test, not lost in the thread
+                    errors.append(exc)
+                    return
+
+        thread = threading.Thread(target=timer, name="daskautoscaler", daemon=True)
+        thread.start()
+        try:
+            yield decisions
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+        assert not errors, f"the autoscaler failed: {errors[0]!r}"
+
+    # -- node failure -------------------------------------------------------------------------------
+
+    def freeze(self, pod: Pod) -> None:
+        """The pod's node stops answering: its processes are frozen (cgroup freezer), so no TCP
+        connection is closed and the scheduler notices only when heartbeats stop (worker-ttl)."""
+        podman("pause", pod.container)
+
+    def replace_frozen_worker(self, frozen: Pod) -> Pod:
+        """The Deployment controller's replacement for a pod on a lost node: the same template (so the
+        same DASK_WORKER_NAME, the Deployment's name) in a new pod with a new name and IP, while the
+        frozen pod stays frozen (its node is gone, not drained). remove_frozen() deletes it later,
+        as the lost node's eviction finally would."""
+        assert frozen.spec is not None
+        self.pods.pop(frozen.name)
+        self.pods[f"{frozen.name}-frozen"] = Pod("frozen", frozen.name, frozen.container, frozen.spec, frozen.pod)
+        replacement = self._run_pod("worker", f"{frozen.name}-replacement", frozen.spec.pod,
+                                    hostname=pod_name(frozen.name))
+        self.pods.pop(replacement.name)
+        self.pods[frozen.name] = Pod("worker", frozen.name, replacement.container, replacement.spec,
+                                     replacement.pod)
+        return self.pods[frozen.name]
+
+    def remove_frozen(self) -> None:
+        for key, pod in [(k, p) for k, p in self.pods.items() if p.role == "frozen"]:
+            podman("unpause", pod.container, check=False)
+            podman("rm", "--force", "--time", "0", pod.container, check=False)
+            podman("pod", "rm", "--force", "--time", "0", pod.pod, check=False)
+            del self.pods[key]
+
+def adapt(current: int, target: int, minimum: int, maximum: int) -> int:
+    """The operator's daskautoscaler_adapt arithmetic (controller.py ~l.960-972): the scheduler's
+    target clamped to [minimum, maximum]; down by at most 25 % of the workers (at least one) a step."""
+    desired = min(maximum, max(minimum, target))
+    if current > 0:
+        desired = max(current - max(1, int(current * 0.25)), desired)
+    return desired

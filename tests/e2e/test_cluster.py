@@ -1,4 +1,5 @@
-"""Scenarios 1-6 of `make e2e`: the default chart's pods in podman behind an nginx ingress, under load.
+"""Scenarios 1-6 and 8-11 of `make e2e` (7, mutual TLS, is test_tls.py): the chart's pods
+(ci/e2e-values.yaml) in podman behind an nginx ingress, under load.
 
 One cluster serves every scenario in this module, in order; each scenario leaves it with one worker
 and two ready API pods. Figures go into the summary table printed at the end of the run.
@@ -13,7 +14,8 @@ import time
 import dask.utils
 import pytest
 import yaml
-from _k8s_helpers import as_applied, by_kind, one, podman, retiring_clusters
+from _k8s_helpers import as_applied, by_kind, env_of, one, podman, retiring_clusters
+from conftest import wait_until
 from sizing import fib_n_lasting
 
 from e2e.conftest import E2E_VALUES, NAMESPACE, RELEASE, render
@@ -79,18 +81,18 @@ def test_0_containers_run_the_rendered_pods(cluster: Cluster) -> None:
 
 
 def test_1_locust_swarm_through_the_ingress(cluster: Cluster) -> None:
-    """The project's locustfile, headless, mixed /fast + /fib for 60 s, with its SLO gate."""
+    """The project's locustfile, headless, mixed /fast + /fib for 30 s, with its SLO gate."""
     csv_prefix = cluster.workdir / "locust" / "swarm"
     csv_prefix.parent.mkdir(parents=True, exist_ok=True)
     nginx_ip = cluster.ip(cluster.pods["ingress"])
     run = run_locust(f"http://{cluster.ingress_host}", (cluster.ingress_host, nginx_ip), csv_prefix,
-                     users=20, spawn_rate=10, run_time="60s",
+                     users=20, spawn_rate=10, run_time="30s",
                      extra=["--fib-n", "20..25", "--slo-fail-ratio", "0", "--slo-fast-p95-ms", str(FAST_P95_MS)])
     print(run.output[-2500:])
     total, fast = run.stats.get("Aggregated"), run.stats.get("/fast")
     assert total and fast, f"no Locust stats:\n{run.output[-3000:]}"
     requests, failures = int(total["Request Count"]), int(total["Failure Count"])
-    SUMMARY.append(Row("1 locust swarm 60s (20 users)", requests, failures, float(total["50%"]),
+    SUMMARY.append(Row("1 locust swarm 30s (20 users)", requests, failures, float(total["50%"]),
                        float(total["95%"]), float(total["Requests/s"]), f"/fast p95 {fast['95%']} ms"))
     assert requests > 500, requests
     assert failures == 0, run.output[-3000:]
@@ -323,3 +325,62 @@ def test_9_upgrade_to_a_new_image_under_a_locust_swarm(cluster: Cluster, image: 
     assert {pod.role for pod in cluster.pods.values() if pod.spec is not None} == {"api", "scheduler", "worker"}
     assert not [name for name in cluster.pods if name.startswith(f"{old_cluster}-")], "the old cluster is left"
     assert requests > 100 and ratio <= ROLLOUT_MAX_FAILURE_RATIO, run.output[-3000:]
+
+
+def test_10_scale_to_zero_and_back(cluster: Cluster) -> None:
+    """dask.autoscaler.minimum 0 under the operator's autoscaler logic: an idle cluster goes to no
+    workers; requests that arrive then are held (COLD_START_QUEUE), the scheduler's adaptive target
+    rises, a worker starts and every held request is answered; idle again, the cluster returns to 0."""
+    assert one(cluster.documents, "DaskAutoscaler")["spec"]["minimum"] == 0
+    n = fib_n_lasting(0.2)
+    with cluster.autoscaler() as decisions:
+        wait_until(lambda: not cluster.worker_pods(), 90, interval=0.5, what="the idle cluster to scale to zero")
+        assert all(p.name in cluster.prober.ready for p in cluster.api_pods()), "ready: able to hold work"
+        sent = time.monotonic()
+        with driver(cluster, fast_users=1, fib_users=4, fib_n=(n, n + 2), fib_think=0.5) as load:
+            wait_until(lambda: sum(s.correct for s in load.results.select("/fib")) >= 4, 120, interval=0.5,
+                       what="held requests answered once a worker started")
+        first_answer = min(s.started + s.latency for s in load.results.select("/fib") if s.correct) - sent
+        wait_until(lambda: not cluster.worker_pods(), 120, interval=0.5, what="the cluster to return to zero when idle")
+    steps = [(round(t - sent, 1), before, after) for t, before, after in decisions]
+    print(f"autoscaler decisions (s after the first request, from, to): {steps}")
+    record("10 scale to zero and back", load.results,
+           f"from 0 workers: first /fib in {first_answer:.1f}s; idle, back to 0 at {steps[-1][0]:.0f}s")
+    assert_no_failures(load.results)
+    assert [step[1:] for step in steps][-2:] == [(0, 1), (1, 0)], steps
+    cluster.scale_workers(1)
+
+
+def test_11_a_frozen_worker_is_replaced_promptly(cluster: Cluster) -> None:
+    """A node stops answering: its worker freezes without closing a connection, and the Deployment
+    controller starts a replacement pod, which keeps the worker's name. The scheduler refuses a name
+    that is still registered until worker-ttl expires the old one: 30 s in the chart, not distributed's
+    5 minutes. The scheduler checks every worker-ttl and then gives the frozen nanny 30 s to restart
+    its worker (distributed's check_worker_ttl / restart_workers), so the replacement joins within
+    2 x ttl + 30 s (about 1.5 minutes rather than up to 10.5) and serves."""
+    scheduler_env = env_of(cluster.scheduler.spec.container)
+    ttl = dask.utils.parse_timedelta(scheduler_env["DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL"])
+    (frozen,) = cluster.worker_pods()
+    old_address = {w["name"]: w["address"] for w in cluster.scheduler_workers()}[frozen.name]
+    cluster.freeze(frozen)
+    frozen_at = time.monotonic()
+    replacement = cluster.replace_frozen_worker(frozen)
+
+    def replacement_registered() -> bool:
+        addresses = {w["name"]: w["address"] for w in cluster.scheduler_workers()}
+        return addresses.get(frozen.name, old_address) != old_address
+
+    bound = 2 * ttl + 30
+    wait_until(replacement_registered, bound + 60, interval=0.5, what="the replacement registered under its name")
+    joined = time.monotonic() - frozen_at
+    n = fib_n_lasting(0.1)
+    with driver(cluster, fast_users=0, fib_users=2, fib_n=(n, n + 2)) as load:
+        wait_until(lambda: sum(s.correct for s in load.results.select("/fib")) >= 5, 60, interval=0.5,
+                   what="answers from the replacement")
+    cluster.remove_frozen()
+    record("11 frozen worker replaced", load.results,
+           f"replacement joined {joined:.0f}s after the freeze (ttl {ttl:g}s)")
+    print(f"replacement {replacement.name} joined {joined:.1f} s after the freeze; worker-ttl {ttl:g} s")
+    assert_no_failures(load.results)
+    assert joined <= bound + 30  # plus the replacement's registration retries
+
