@@ -165,11 +165,20 @@ async def readyz(request: Request) -> JSONResponse:
         description: No scheduler connected (yet, or any more), or no workers and no cold-start queue.
     """
     backend: Backend = request.app.state.backend
-    ready, capacity = await backend.readiness()
-    body: dict[str, Any] = {"scheduler": backend.address, "workers": capacity.workers}
+    ready, cells = await backend.readiness()
+    body: dict[str, Any] = {
+        "scheduler": backend.address,
+        "workers": sum(capacity.workers for _, capacity in cells),
+        "cells": [
+            {"scheduler": capacity.scheduler, "connected": capacity.connected, "workers": capacity.workers,
+             "ready": cell_ready}
+            for cell_ready, capacity in cells
+        ],
+    }
     if ready:
         return JSONResponse({"status": "ready", **body})
-    detail = "the Dask cluster has no workers" if capacity.connected else "not connected to a Dask scheduler"
+    connected = any(capacity.connected for _, capacity in cells)
+    detail = "the Dask cluster has no workers" if connected else "not connected to a Dask scheduler"
     return JSONResponse(
         {"status": "not ready", "error": "unavailable", "detail": detail, **body},
         status_code=503,

@@ -1,9 +1,12 @@
 """The backend: a request for ``name(arg)`` in, its value (or a precise failure) out.
 
-It wires three parts, each in a module of its own: ``service.inflight`` decides (pure state
-machine), ``service.connection`` talks to Dask, ``service.embedded`` runs ``make run``'s cluster.
+It wires four parts, each in a module of its own: ``service.inflight`` decides admission and
+coalescing (pure state machine), ``service.cells`` places each request on one of several
+independent Dask clusters ("cells", one or more; pure), ``service.connection`` talks to one
+scheduler, ``service.embedded`` runs ``make run``'s clusters.
 
-Failure model, in the order a request meets it:
+Failure model, in the order a request meets it (with several cells, each decision is a cell's; a
+request is refused only when no cell can take it):
 
 * the scheduler is unreachable (never connected, connection lost, or distributed gave up after
   ``distributed.comm.timeouts.connect`` and closed its Client for good) -> ``Unavailable`` at once;
@@ -13,7 +16,8 @@ Failure model, in the order a request meets it:
   with ``COLD_START_QUEUE`` a bounded number of computations is admitted instead and waits for the
   autoscaler to start a worker (scale from zero);
 * the estimated queued work cannot finish in time -> ``Unavailable`` (admission control);
-* the scheduler is lost while the computation is in flight -> ``Unavailable`` at once;
+* the scheduler is lost while the computation is in flight -> the computation runs again on another
+  cell that can serve (compute functions are pure), else ``Unavailable`` at once;
 * the computation takes longer than the request timeout -> ``ComputeTimeout``;
 * the task itself fails (e.g. ``KilledWorker`` after ``allowed-failures``) -> ``ComputeFailed``;
 * the client goes away -> ``Abandoned``.
@@ -37,13 +41,14 @@ import yaml
 from distributed import Client
 
 from service import tasks
+from service.cells import Cell, failover, place
 from service.config import Settings
 from service.connection import SchedulerConnection
 from service.cost import CostModel
 from service.embedded import START_TIMEOUT, EmbeddedCluster, LowerWorkerPriority
 from service.errors import Abandoned, ComputeFailed, ComputeTimeout, Unavailable
 from service.inflight import Admit, Capacity, Computation, InFlight, Inline, Join, Limits, Reject
-from service.metrics import Metrics
+from service.metrics import CellReadings, Metrics
 
 __all__ = ["Abandoned", "Backend", "ComputeFailed", "ComputeTimeout", "Unavailable"]
 
@@ -72,61 +77,81 @@ class Backend:
         # kills its worker); production always uses tasks.REGISTRY.
         self.registry: Mapping[str, tasks.Task] = tasks.REGISTRY if registry is None else registry
         self.costs: dict[str, CostModel] = {}
-        self.inflight = InFlight(limits(settings))
-        self.embedded = EmbeddedCluster(settings.workers, settings.worker_nice) if settings.embedded else None
-        self.connection = SchedulerConnection(
-            settings.scheduler_address,
-            connect_timeout=settings.connect_timeout,
-            reconnect_interval=settings.reconnect_interval,
-            retry_after=settings.retry_after,
-            on_connect=self._renice_workers if settings.embedded else None,
-        )
-        metrics.bind(
-            in_flight=lambda: len(self.inflight),
-            workers=lambda: self.connection.capacity().workers,
-            connected=lambda: float(self.connection.connected),
-        )
+        addresses = settings.cell_addresses
+        workers = max(1, settings.workers // len(addresses))  # embedded: the cores, shared by the cells
+        self.embedded = [EmbeddedCluster(workers, settings.worker_nice) for _ in addresses] if settings.embedded else []
+        self.connections = [
+            SchedulerConnection(
+                address,
+                connect_timeout=settings.connect_timeout,
+                reconnect_interval=settings.reconnect_interval,
+                retry_after=settings.retry_after,
+                on_connect=self._renice_workers if settings.embedded else None,
+            )
+            for address in addresses
+        ]
+        self.cells = [
+            Cell(address or f"cell-{i}", InFlight(limits(settings)), Capacity(False, scheduler=address))
+            for i, address in enumerate(addresses)
+        ]
+        self._cell_of: dict[Computation, int] = {}  # which cell's table holds a running computation
+        metrics.bind([
+            CellReadings(
+                in_flight=lambda cell=cell: float(len(cell.inflight)),
+                workers=lambda connection=connection: float(connection.capacity().workers),
+                connected=lambda connection=connection: float(connection.connected),
+            )
+            for cell, connection in zip(self.cells, self.connections, strict=True)
+        ])
 
     @property
     def address(self) -> str | None:
-        return self.connection.address
+        """The first cell's scheduler (the only one, unless there are several cells)."""
+        return self.connections[0].address
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.costs = {name: CostModel(task.relative_cost, task.calibrate()) for name, task in self.registry.items()}
-        if self.embedded is not None:
-            await self.embedded.start()
-            self.connection.address = self.embedded.address
-            await self.connection.connect()
-            # Worker subprocesses register on their own schedule: be ready only once they have.
-            client = self.connection.client
-            assert client is not None
-            await client.wait_for_workers(self.settings.workers, timeout=START_TIMEOUT)
+        if self.embedded:
+            await asyncio.gather(*(cluster.start() for cluster in self.embedded))
+            for cell, connection, cluster in zip(self.cells, self.connections, self.embedded, strict=True):
+                connection.address = cell.name = cluster.address
+                await connection.connect()
+                # Worker subprocesses register on their own schedule: be ready only once they have.
+                client = connection.client
+                assert client is not None
+                await client.wait_for_workers(len(cluster.cluster.workers), timeout=START_TIMEOUT)
         else:
-            try:
-                await self.connection.connect()
-            except Exception as exc:  # start anyway: /readyz says 503 until the scheduler appears
-                logger.warning("scheduler %s unreachable at start-up: %r", self.address, exc)
-        self.connection.supervise()
+            for connection in self.connections:
+                try:
+                    await connection.connect()
+                except Exception as exc:  # start anyway: /readyz says 503 until a scheduler appears
+                    logger.warning("scheduler %s unreachable at start-up: %r", connection.address, exc)
+        for connection in self.connections:
+            connection.supervise()
 
     async def close(self) -> None:
-        for computation in list(self.inflight.running):
-            if isinstance(computation.handle, asyncio.Task):
-                computation.handle.cancel()
-        await self.connection.close()
-        if self.embedded is not None:
-            await self.embedded.close()
+        for cell in self.cells:
+            for computation in list(cell.inflight.running):
+                if isinstance(computation.handle, asyncio.Task):
+                    computation.handle.cancel()
+        await asyncio.gather(*(connection.close() for connection in self.connections))
+        await asyncio.gather(*(cluster.close() for cluster in self.embedded))
 
     async def _renice_workers(self, client: Client) -> None:
         await client.register_plugin(LowerWorkerPriority(self.settings.worker_nice))
 
-    async def readiness(self) -> tuple[bool, Capacity]:
-        """Able to serve a computation now? Asks the scheduler when the cached answer is no."""
-        capacity = self.connection.capacity()
-        if capacity.connected and not self.inflight.serves(capacity):
-            capacity = await self.connection.refresh()
-        return self.inflight.serves(capacity), capacity
+    async def readiness(self) -> tuple[bool, list[tuple[bool, Capacity]]]:
+        """Able to serve a computation now, and each cell's answer? Ready when one cell can serve;
+        a cell whose cached answer is no is asked itself (its Client's cache may lag)."""
+        answers = []
+        for cell, connection in zip(self.cells, self.connections, strict=True):
+            capacity = connection.capacity()
+            if capacity.connected and not cell.inflight.serves(capacity):
+                capacity = await connection.refresh()
+            answers.append((cell.inflight.serves(capacity), capacity))
+        return any(ready for ready, _ in answers), answers
 
     # -- compute -----------------------------------------------------------------------------
 
@@ -148,11 +173,15 @@ class Backend:
         task = self.registry[name]  # KeyError: only registered functions can ever be submitted
         cost = self.costs[name]
         key = (name, arg)
-        decision = self.inflight.decide(key, cost.local(arg), cost.estimate(arg), self.connection.capacity())
+        for cell, connection in zip(self.cells, self.connections, strict=True):
+            cell.capacity = connection.capacity()
+        index, decision = place(key, cost.local(arg), cost.estimate(arg), self.cells)
         if isinstance(decision, Reject) and decision.reason == "no_workers":
-            # The Client's cache may predate the workers (it refreshes every 0.5 s): ask the scheduler.
-            capacity = await self.connection.refresh()
-            decision = self.inflight.decide(key, cost.local(arg), cost.estimate(arg), capacity)
+            # The Clients' caches may predate the workers (they refresh every 0.5 s): ask the schedulers.
+            for cell, capacity in zip(self.cells, await asyncio.gather(*(c.refresh() for c in self.connections)),
+                                      strict=True):
+                cell.capacity = capacity
+            index, decision = place(key, cost.local(arg), cost.estimate(arg), self.cells)
         match decision:
             case Inline():
                 # Cheaper than the round trip to a worker: the event loop barely notices it.
@@ -161,6 +190,7 @@ class Backend:
             case Reject(reason, detail, retry_after):
                 raise Unavailable(reason, detail, retry_after)
             case Admit(computation):
+                self._cell_of[computation] = index
                 computation.handle = asyncio.ensure_future(self._run(task, arg, computation))
                 self.metrics.computations.labels("dask").inc()
             case Join(computation):
@@ -168,17 +198,36 @@ class Backend:
         return await self._wait(computation, disconnected)
 
     async def _run(self, task: tasks.Task, arg: Any, computation: Computation) -> Any:
-        """Carry out one admitted computation on the cluster (one asyncio task per computation)."""
+        """Carry out one admitted computation (one asyncio task per computation): on its cell, or,
+        when that cell loses its scheduler, on the next cell that can serve."""
+        tried: set[int] = set()
         try:
-            try:
-                key = f"{task.name}-{arg}-{uuid.uuid4().hex}"
-                future = self.connection.submit(tasks.timed, task.func, arg, key=key, priority=computation.priority)
-            except Exception as exc:  # the Client closed between the capacity check and now
-                detail = f"cannot submit: {exc!r}"
-                raise Unavailable("scheduler_unreachable", detail, self.settings.retry_after) from exc
-            value, seconds = await self.connection.result(future)
+            while True:
+                index = self._cell_of[computation]
+                tried.add(index)
+                connection = self.connections[index]
+                self.metrics.cell_computations.labels(str(index)).inc()
+                try:
+                    try:
+                        key = f"{task.name}-{arg}-{uuid.uuid4().hex}"
+                        future = connection.submit(tasks.timed, task.func, arg, key=key, priority=computation.priority)
+                    except Exception as exc:  # the Client closed between the capacity check and now
+                        detail = f"cannot submit: {exc!r}"
+                        raise Unavailable("scheduler_unreachable", detail, self.settings.retry_after) from exc
+                    value, seconds = await connection.result(future)
+                    break
+                except Unavailable:
+                    for cell, conn in zip(self.cells, self.connections, strict=True):
+                        cell.capacity = conn.capacity()
+                    target = failover(computation, index, self.cells, tried)
+                    if target is None:
+                        raise
+                    logger.info("cell %s lost: %s moves to %s", self.cells[index].name, computation.key,
+                                self.cells[target].name)
+                    self._cell_of[computation] = target
+                    self.metrics.failovers.inc()
         finally:
-            self.inflight.finish(computation)
+            self.cells[self._cell_of.pop(computation)].inflight.finish(computation)
         self.costs[task.name].learn(arg, seconds)
         return value
 
@@ -199,7 +248,8 @@ class Backend:
         finally:
             if gone is not None:
                 gone.cancel()
-            if self.inflight.leave(computation):
+            index = self._cell_of.get(computation)  # None: its run has ended (finished or released)
+            if index is not None and self.cells[index].inflight.leave(computation):
                 # The last waiter left before the result: cancelling the run releases its Dask
                 # future (SchedulerConnection.result), which frees the queued task on the cluster.
                 run.cancel()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import dask.config
 import dask.system
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -39,6 +39,15 @@ class Settings(BaseSettings):
         None,
         description="Dask scheduler to use, e.g. `tcp://scheduler:8786`; unset = an embedded cluster. "
         "Read through `dask.config` (variable `DASK_SCHEDULER_ADDRESS`, key `scheduler-address`)",
+    )
+    scheduler_addresses: str | None = Field(
+        None,
+        description="several Dask schedulers, one per cell, comma-separated (`tcp://a:8786,tcp://b:8786`): "
+        "each request is placed on one cell, identical requests on the same one, and moves to another "
+        "if its cell's scheduler is lost; instead of `DASK_SCHEDULER_ADDRESS`",
+    )
+    embedded_cells: int = Field(
+        1, ge=1, le=16, description="embedded mode: independent Dask clusters (cells), sharing the embedded workers"
     )
     embedded_workers: int = Field(0, ge=0, description="embedded worker processes, one thread each; 0 = one per core")
     worker_nice: int = Field(
@@ -86,9 +95,36 @@ class Settings(BaseSettings):
     def env_name(field: str) -> str:
         return "DASK_SCHEDULER_ADDRESS" if field == "scheduler_address" else field.upper()
 
+    @field_validator("scheduler_addresses")
+    @classmethod
+    def _addresses(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        addresses = [address.strip() for address in value.split(",")]
+        if not all(addresses):
+            raise ValueError("an empty address in the comma-separated list")
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("the same scheduler twice: each cell is a different scheduler")
+        return ",".join(addresses)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_schedulers(self) -> Settings:
+        if self.scheduler_address and self.scheduler_addresses:
+            raise ValueError("set DASK_SCHEDULER_ADDRESS (one scheduler) or SCHEDULER_ADDRESSES (cells), not both")
+        return self
+
     @property
     def embedded(self) -> bool:
-        return not self.scheduler_address
+        return not (self.scheduler_address or self.scheduler_addresses)
+
+    @property
+    def cell_addresses(self) -> list[str | None]:
+        """One scheduler address per cell; None for an embedded cell (its address comes at start)."""
+        if self.scheduler_addresses:
+            return self.scheduler_addresses.split(",")
+        if self.scheduler_address:
+            return [self.scheduler_address]
+        return [None] * self.embedded_cells
 
     @property
     def workers(self) -> int:
@@ -125,6 +161,7 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             problems = [
                 f"{cls.env_name(str(error['loc'][0]))}: {error['msg']}, got {error.get('input')!r}"
+                if error["loc"] else error["msg"].removeprefix("Value error, ")  # a rule across settings
                 for error in exc.errors()
             ]
             raise ValueError("invalid configuration: " + "; ".join(problems)) from None

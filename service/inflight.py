@@ -122,6 +122,10 @@ class InFlight:
     def __len__(self) -> int:
         return len(self.running)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """An identical computation is in flight here (and would be joined)."""
+        return key in self._by_key
+
     def serves(self, capacity: Capacity) -> bool:
         """Can a request be computed now (readiness)? With a cold-start queue, zero workers can."""
         return capacity.connected and (capacity.threads > 0 or self.limits.cold_start_queue > 0)
@@ -183,6 +187,16 @@ class InFlight:
         computation.phase = Phase.RELEASED
         self._forget(computation)
         return True
+
+    def transfer(self, computation: Computation, other: InFlight) -> None:
+        """Move a running computation, its waiters and its cost, to another table (failover to
+        another cell). Identical requests then join it there."""
+        assert computation.phase is Phase.RUNNING and computation in self.running
+        self._forget(computation)
+        other.running.add(computation)
+        other.queued_cost += computation.cost
+        if other.limits.coalesce and computation.key not in other._by_key:
+            other._by_key[computation.key] = computation
 
     def _forget(self, computation: Computation) -> None:
         self.running.discard(computation)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,6 +27,15 @@ WHERE = ("inline", "dask")
 
 # Label for requests that matched no route: keeps label cardinality bounded under scanning.
 UNMATCHED = "<unmatched>"
+
+
+@dataclass(frozen=True)
+class CellReadings:
+    """How to read one cell's live values."""
+
+    in_flight: Callable[[], float]
+    workers: Callable[[], float]
+    connected: Callable[[], float]
 
 
 class Metrics:
@@ -77,19 +87,45 @@ class Metrics:
             "compute_api_scheduler_connected", "1 when connected to a running scheduler.", registry=self.registry
         )
 
+        self.failovers = Counter(
+            "compute_api_failovers",
+            "Computations moved to another cell because their cell lost its scheduler.",
+            registry=self.registry,
+        )
+        cell = ("cell",)  # the cell's index in SCHEDULER_ADDRESSES (or among EMBEDDED_CELLS)
+        self.cell_computations = Counter(
+            "compute_api_cell_computations", "Computations submitted to each cell (failovers included).", cell,
+            registry=self.registry,
+        )
+        self.cell_in_flight = Gauge(
+            "compute_api_cell_computations_in_flight", "Distinct computations in flight, by cell.", cell,
+            registry=self.registry,
+        )
+        self.cell_workers = Gauge(
+            "compute_api_cell_dask_workers", "Dask workers connected to each cell's scheduler.", cell,
+            registry=self.registry,
+        )
+        self.cell_connected = Gauge(
+            "compute_api_cell_scheduler_connected", "1 when connected to the cell's scheduler.", cell,
+            registry=self.registry,
+        )
         # Labelled series exist from the first scrape, at 0 (absent is not zero to PromQL).
         for where in WHERE:
             self.computations.labels(where)
         for reason in REASONS:
             self.rejected.labels(reason)
 
-    def bind(
-        self, *, in_flight: Callable[[], float], workers: Callable[[], float], connected: Callable[[], float]
-    ) -> None:
-        """Read live values from the backend at scrape time instead of tracking them twice."""
-        self.in_flight.set_function(in_flight)
-        self.workers.set_function(workers)
-        self.connected.set_function(connected)
+    def bind(self, cells: Sequence[CellReadings]) -> None:
+        """Read live values from the backend at scrape time instead of tracking them twice: per
+        cell, and summed over the cells."""
+        self.in_flight.set_function(lambda: sum(cell.in_flight() for cell in cells))
+        self.workers.set_function(lambda: sum(cell.workers() for cell in cells))
+        self.connected.set_function(lambda: float(any(cell.connected() for cell in cells)))
+        for index, cell in enumerate(cells):
+            self.cell_computations.labels(str(index))
+            self.cell_in_flight.labels(str(index)).set_function(cell.in_flight)
+            self.cell_workers.labels(str(index)).set_function(cell.workers)
+            self.cell_connected.labels(str(index)).set_function(cell.connected)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

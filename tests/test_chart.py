@@ -240,7 +240,7 @@ def test_api_config_accepts_exactly_the_services_settings() -> None:
     """values.schema.json lists the settings of service/config.py, except those the chart sets itself."""
     schema = json.loads((CHART / "values.schema.json").read_text())
     accepted = schema["properties"]["api"]["properties"]["config"]["propertyNames"]["enum"]
-    chart_managed = {"DASK_SCHEDULER_ADDRESS", "HOST", "PORT", "GRACEFUL_SHUTDOWN_TIMEOUT"}
+    chart_managed = {"DASK_SCHEDULER_ADDRESS", "SCHEDULER_ADDRESSES", "HOST", "PORT", "GRACEFUL_SHUTDOWN_TIMEOUT"}
     assert set(accepted) == {Settings.env_name(name) for name in Settings.model_fields} - chart_managed
 
 

@@ -39,7 +39,8 @@ def drop_request(port: int, path: str) -> socket.socket:
 def test_remote_mode_serves_and_reports_ready(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
     with remote_server(tmp_path, dask_cluster_procs) as server:
         ready = httpx.get(f"{server.url}/readyz").json()
-        assert ready == {"status": "ready", "scheduler": dask_cluster_procs.address, "workers": 2}
+        assert ready == {"status": "ready", "scheduler": dask_cluster_procs.address, "workers": 2, "cells": [
+            {"scheduler": dask_cluster_procs.address, "connected": True, "workers": 2, "ready": True}]}
         assert httpx.get(f"{server.url}/fib/25").json() == {"n": 25, "value": 75025}
 
 
