@@ -117,7 +117,7 @@ def as_applied(doc: dict[str, Any], release: str, namespace: str) -> dict[str, A
     return live
 
 
-def retiring_clusters(live: list[dict[str, Any]], current: str, *, release: str = BASE_RELEASE,
+def retiring_clusters(live: list[dict[str, Any]], current: list[str], *, release: str = BASE_RELEASE,
                       idle_timeout: int = 300) -> list[dict[str, Any]]:
     """What the chart re-applies for the release's older DaskClusters during an upgrade, given the
     live clusters its `lookup` would return. `helm template` has no API server to look up, so a

@@ -87,8 +87,33 @@ def api_config_map(documents: list[dict[str, Any]]) -> dict[str, Any]:
     return config
 
 
+def daskclusters(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The DaskClusters, one per cell, in the order the API lists their schedulers."""
+    clusters = by_kind(documents, "DaskCluster")
+    assert clusters, "no DaskCluster rendered"
+    return clusters
+
+
 def daskcluster(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    return one(documents, "DaskCluster")
+    """The DaskCluster; with several cells, the first, once proved identical to the others except
+    for its name (so what a test proves of it holds for every cell)."""
+    first, *others = daskclusters(documents)
+
+    def anonymous(cluster: dict[str, Any]) -> str:
+        return json.dumps(cluster).replace(cluster["metadata"]["name"], "NAME")
+
+    for other in others:
+        assert anonymous(other) == anonymous(first), f"cells differ: {other['metadata']['name']}"
+    return first
+
+
+def scheduler_addresses(documents: list[dict[str, Any]]) -> list[str]:
+    """Where the API sends work: DASK_SCHEDULER_ADDRESS (one cell) or SCHEDULER_ADDRESSES (cells)."""
+    env = env_of(api_container(documents))
+    if "SCHEDULER_ADDRESSES" in env:
+        assert "DASK_SCHEDULER_ADDRESS" not in env, "the service refuses both"
+        return env["SCHEDULER_ADDRESSES"].split(",")
+    return [env["DASK_SCHEDULER_ADDRESS"]]
 
 
 def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
@@ -253,19 +278,25 @@ def test_api_config_refuses_an_unknown_setting() -> None:
 
 
 def test_scheduler_address_is_the_operator_service(rendered: list[dict[str, Any]]) -> None:
-    cluster = daskcluster(rendered)
-    name = cluster["metadata"]["name"]
-    assert len(name) <= 53
-    service = cluster["spec"]["scheduler"]["service"]
-    ports = {port["name"]: port for port in service["ports"]}
-    assert set(ports) >= {"tcp-comm", "http-dashboard"}, "the operator looks these ports up by name"
+    """The API's scheduler address(es), one per cell, and each cell's workers', are the Services the
+    operator creates for the DaskClusters."""
+    daskcluster(rendered)  # the cells are identical but for their names
     tls = any(e["name"] == "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION" for e in api_container(rendered).get("env", []))
-    expected = f"{'tls' if tls else 'tcp'}://{name}-scheduler.{NAMESPACE}.svc.cluster.local:{ports['tcp-comm']['port']}"
-    assert env_of(api_container(rendered))["DASK_SCHEDULER_ADDRESS"] == expected
-    # The operator's own injected address is always tcp://...:8786; ours must agree on host and port.
-    assert ports["tcp-comm"]["port"] == 8786
-    worker = operator_pods(cluster)["worker"]["spec"]["containers"][0]
-    assert env_of(worker)["DASK_SCHEDULER_ADDRESS"] == expected
+    expected = []
+    for cluster in daskclusters(rendered):
+        name = cluster["metadata"]["name"]
+        assert len(name) <= 53
+        service = cluster["spec"]["scheduler"]["service"]
+        ports = {port["name"]: port for port in service["ports"]}
+        assert set(ports) >= {"tcp-comm", "http-dashboard"}, "the operator looks these ports up by name"
+        address = f"{'tls' if tls else 'tcp'}://{name}-scheduler.{NAMESPACE}.svc.cluster.local:{ports['tcp-comm']['port']}"
+        # The operator's own injected address is always tcp://...:8786; ours must agree on host and port.
+        assert ports["tcp-comm"]["port"] == 8786
+        worker = operator_pods(cluster)["worker"]["spec"]["containers"][0]
+        assert env_of(worker)["DASK_SCHEDULER_ADDRESS"] == address
+        expected.append(address)
+    assert scheduler_addresses(rendered) == expected
+    Settings.from_environ(env_of(api_container(rendered)))  # and the service accepts them
 
 
 def test_scheduler_service_selects_the_scheduler_pod(rendered: list[dict[str, Any]]) -> None:
@@ -334,14 +365,12 @@ def test_cluster_is_permanent_and_autoscaled(rendered: list[dict[str, Any]], req
     assert cluster["spec"]["idleTimeout"] == 0
     effective = values(request.node.callspec.params["rendered"])["dask"]["autoscaler"]
     autoscalers = by_kind(rendered, "DaskAutoscaler")
-    if effective["enabled"]:
-        (autoscaler,) = autoscalers
-        assert autoscaler["spec"] == {
-            "cluster": cluster["metadata"]["name"],
-            "minimum": effective["minimum"],
-            "maximum": effective["maximum"],
-        }
-        assert autoscaler["spec"]["minimum"] <= autoscaler["spec"]["maximum"]
+    if effective["enabled"]:  # one per cell
+        assert [a["spec"] for a in autoscalers] == [
+            {"cluster": c["metadata"]["name"], "minimum": effective["minimum"], "maximum": effective["maximum"]}
+            for c in daskclusters(rendered)
+        ]
+        assert effective["minimum"] <= effective["maximum"]
     else:
         assert autoscalers == []
     for role in ("scheduler", "worker"):
@@ -1035,13 +1064,13 @@ def test_the_old_cluster_drains_and_the_operator_deletes_it_once_idle() -> None:
     deleting["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
     live = [old, helm_owned(current), other_release, deleting]
 
-    (retiring,) = retiring_clusters(live, current["metadata"]["name"], idle_timeout=120)
+    (retiring,) = retiring_clusters(live, [current["metadata"]["name"]], idle_timeout=120)
     assert retiring["metadata"]["name"] == old["metadata"]["name"]
     assert retiring["spec"] == old["spec"] | {"idleTimeout": 120}
     assert retiring["metadata"]["labels"] == old["metadata"]["labels"] | {"compute-api/retiring": "true"}
     validate_custom_resource(retiring)
     # A rollback to a cluster that still exists makes it current again: nothing retires it.
-    assert retiring_clusters([old], old["metadata"]["name"]) == []
+    assert retiring_clusters([old], [old["metadata"]["name"]]) == []
     # helm template / --dry-run: no API server, no lookup, nothing extra rendered.
     assert len(by_kind(helm_template(), "DaskCluster")) == 1
 
@@ -1049,3 +1078,29 @@ def test_the_old_cluster_drains_and_the_operator_deletes_it_once_idle() -> None:
 def test_retirement_waits_longer_than_a_rollout() -> None:
     result = run([helm(), "template", "x", str(CHART), "--set", "dask.upgrade.retireAfterIdleSeconds=0"], check=False)
     assert result.returncode != 0 and "retireAfterIdleSeconds" in result.stderr
+
+
+# --- cells --------------------------------------------------------------------------------------------
+
+
+def test_cells_are_identical_clusters_the_api_places_requests_on() -> None:
+    """dask.cells N: N DaskClusters (one hash, one index each), an autoscaler each, every scheduler
+    in the API's SCHEDULER_ADDRESSES, and the release's NetworkPolicies covering every cell's pods."""
+    documents = helm_template(CHART / "ci" / "cells-values.yaml", release="compute-api", namespace=NAMESPACE)
+    names = [c["metadata"]["name"] for c in daskclusters(documents)]
+    (digest,) = {name.rsplit("-", 1)[1] for name in names}
+    assert names == [f"compute-api-c0-{digest}", f"compute-api-c1-{digest}"]
+    daskcluster(documents)  # identical but for their names
+    assert [a["spec"]["cluster"] for a in by_kind(documents, "DaskAutoscaler")] == names
+    assert [a.split("//")[1].split("-scheduler.")[0] for a in scheduler_addresses(documents)] == names
+    for cluster in daskclusters(documents):
+        for role, pod in operator_pods(cluster).items():
+            policy = _policy(documents, f"-{role}")
+            assert selector_matches(policy["spec"]["podSelector"], pod["metadata"]["labels"]), (cluster, role)
+    # the upgrade path retires every cell of the old revision, and none of the new
+    upgraded = helm_template(CHART / "ci" / "cells-values.yaml", release="compute-api", namespace=NAMESPACE,
+                             set_values=["image.tag=2.0.0"])
+    new_names = [c["metadata"]["name"] for c in daskclusters(upgraded)]
+    assert not set(new_names) & set(names)
+    live = [helm_owned(c) for c in daskclusters(documents) + daskclusters(upgraded)]
+    assert [c["metadata"]["name"] for c in retiring_clusters(live, new_names)] == names

@@ -292,7 +292,7 @@ def test_9_upgrade_to_a_new_image_under_a_locust_swarm(cluster: Cluster, image: 
     idle_timeout = yaml.safe_load(E2E_VALUES.read_text())["dask"]["upgrade"]["retireAfterIdleSeconds"]
     # What Helm re-applies for the old cluster, from what its `lookup` returns in the namespace.
     retiring = retiring_clusters([as_applied(cluster.daskcluster, RELEASE, NAMESPACE)],
-                                 one(documents, "DaskCluster")["metadata"]["name"], release=RELEASE,
+                                 [one(documents, "DaskCluster")["metadata"]["name"]], release=RELEASE,
                                  idle_timeout=idle_timeout)
     csv_prefix = cluster.workdir / "locust" / "upgrade"
     csv_prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -246,14 +246,14 @@ worker:
 {{/*
 The release's older DaskClusters, each re-applied as it is with idleTimeout set, so the operator
 deletes it once drained. Takes live (DaskCluster objects as the API server returns them), current
-(this revision's cluster name), release and idleTimeout. Clusters already being deleted are left
+(this revision's cluster names, one per cell), release and idleTimeout. Clusters already being deleted are left
 alone; a rollback to a cluster that still exists makes it current again (idleTimeout 0).
 */}}
 {{- define "compute-api.retiringClusters" -}}
 {{- range $cluster := .live }}
 {{- $meta := $cluster.metadata }}
 {{- $owner := get ($meta.annotations | default dict) "meta.helm.sh/release-name" }}
-{{- if and (eq $owner $.release) (ne $meta.name $.current) (not $meta.deletionTimestamp) }}
+{{- if and (eq $owner $.release) (not (has $meta.name $.current)) (not $meta.deletionTimestamp) }}
 ---
 apiVersion: kubernetes.dask.org/v1
 kind: DaskCluster

@@ -58,12 +58,28 @@ app.kubernetes.io/component: api
 pod specs out (it acts on creation and on spec.worker.replicas only), so a changed image or pod spec
 must be a new cluster: this name changes with the spec (replicas excepted) and an upgrade brings the
 new cluster up beside the old one (upgrade path: _daskcluster.tpl, daskcluster-retiring.yaml). The
-operator derives <name>-scheduler and <name>-default and caps names at 53. */}}
-{{- define "compute-api.daskClusterName" -}}
-{{- $base := default (include "compute-api.fullname" .) .Values.dask.clusterName | trunc 44 | trimSuffix "-" }}
+operator derives <name>-scheduler and <name>-default and caps names at 53. With dask.cells N > 1
+there are N identical clusters, <base>-c<i>-<hash> (service/cells.py places requests on them). */}}
+{{- define "compute-api.daskClusterNames" -}}
+{{- $cells := int .Values.dask.cells }}
+{{- $base := default (include "compute-api.fullname" .) .Values.dask.clusterName | trunc (ternary 44 40 (eq $cells 1)) | trimSuffix "-" }}
 {{- $spec := include "compute-api.daskClusterSpec" (dict "root" . "name" "NAME" "replicas" 0) }}
 {{- /* hashed as data, so an edited comment or a reordered key is not a new cluster */}}
-{{- printf "%s-%s" $base ($spec | fromYaml | toJson | sha256sum | trunc 8) }}
+{{- $hash := $spec | fromYaml | toJson | sha256sum | trunc 8 }}
+{{- $names := list }}
+{{- if eq $cells 1 }}
+{{- $names = list (printf "%s-%s" $base $hash) }}
+{{- else }}
+{{- range $i := until $cells }}
+{{- $names = append $names (printf "%s-c%d-%s" $base $i $hash) }}
+{{- end }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/* The first (with dask.cells 1, the only) DaskCluster's name. */}}
+{{- define "compute-api.daskClusterName" -}}
+{{- include "compute-api.daskClusterNames" . | fromJsonArray | first }}
 {{- end }}
 
 {{- define "compute-api.daskProtocol" -}}
@@ -75,9 +91,13 @@ operator derives <name>-scheduler and <name>-default and caps names at 53. */}}
 {{- printf "%s://%s-scheduler.%s.svc.%s:8786" (include "compute-api.daskProtocol" .root) .name .root.Release.Namespace .root.Values.clusterDomain }}
 {{- end }}
 
-{{/* The current DaskCluster's scheduler: where the API sends its work. */}}
-{{- define "compute-api.schedulerAddress" -}}
-{{- include "compute-api.schedulerAddressOf" (dict "root" . "name" (include "compute-api.daskClusterName" .)) }}
+{{/* The current DaskClusters' schedulers, comma-separated: where the API sends its work. */}}
+{{- define "compute-api.schedulerAddresses" -}}
+{{- $addresses := list }}
+{{- range $name := include "compute-api.daskClusterNames" . | fromJsonArray }}
+{{- $addresses = append $addresses (include "compute-api.schedulerAddressOf" (dict "root" $ "name" $name)) }}
+{{- end }}
+{{- join "," $addresses }}
 {{- end }}
 
 {{/* The release's scheduler / worker pods, whichever DaskCluster they belong to (during an upgrade,
