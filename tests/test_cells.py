@@ -116,3 +116,22 @@ def test_embedded_cells_share_the_workers(tmp_path: Path) -> None:
         assert len({c["scheduler"] for c in body["cells"]}) == 2
         ns = list(range(18, 26))
         assert_right(asyncio.run(fetch_all(server.url, ns)), ns)
+
+
+def test_identical_requests_over_two_replicas_and_two_cells_cost_at_most_two_computations(
+        tmp_path: Path, two_cells: list[DaskProcesses]) -> None:
+    """Each API replica coalesces what it receives, and both rank the cells alike: 100 identical
+    requests spread over 2 replicas meet in one cell as at most one computation per replica."""
+    n = fib_n_lasting(1.0)  # long enough for every request to arrive while it runs
+    with server_for(tmp_path, two_cells) as first, server_for(tmp_path, two_cells) as second:
+
+        async def both() -> list[list[httpx.Response]]:
+            return list(await asyncio.gather(fetch_all(first.url, [n] * 50), fetch_all(second.url, [n] * 50)))
+
+        for responses in asyncio.run(both()):
+            assert_right(responses, [n] * 50)
+        per_replica = [scrape(s.url)['compute_api_computations_total{where="dask"}'] for s in (first, second)]
+        per_cell = [sum(c) for c in zip(computed(first.url), computed(second.url), strict=True)]
+    print(f"100 identical requests over 2 replicas and 2 cells: {per_replica} computations per replica, "
+          f"{per_cell} per cell")
+    assert sum(per_replica) <= 2 and sorted(per_cell)[0] == 0, (per_replica, per_cell)
