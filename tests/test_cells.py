@@ -1,6 +1,6 @@
 """Cells: the API over several independent Dask clusters, with real `dask scheduler` and `dask worker`
 processes. Placement itself (rendezvous hashing, overflow, failover order) is unit-tested in
-tests/unit/test_cells.py; these tests prove the wiring, and that no scheduler is a single point of
+tests/unit/test_placement.py; these tests prove the wiring, and that no scheduler is a single point of
 failure any more."""
 
 from __future__ import annotations
