@@ -173,8 +173,7 @@ class Backend:
         task = self.registry[name]  # KeyError: only registered functions can ever be submitted
         cost = self.costs[name]
         key = (name, arg)
-        for cell, connection in zip(self.cells, self.connections, strict=True):
-            cell.capacity = connection.capacity()
+        self._observe_capacities()
         index, decision = place(key, cost.local(arg), cost.estimate(arg), self.cells)
         if isinstance(decision, Reject) and decision.reason == "no_workers":
             # The Clients' caches may predate the workers (they refresh every 0.5 s): ask the schedulers.
@@ -197,6 +196,11 @@ class Backend:
                 self.metrics.coalesced.inc()
         return await self._wait(computation, disconnected)
 
+    def _observe_capacities(self) -> None:
+        """What each cell's Client knows of its cluster, for the next placement decision."""
+        for cell, connection in zip(self.cells, self.connections, strict=True):
+            cell.capacity = connection.capacity()
+
     async def _run(self, task: tasks.Task, arg: Any, computation: Computation) -> Any:
         """Carry out one admitted computation (one asyncio task per computation): on its cell, or,
         when that cell loses its scheduler, on the next cell that can serve."""
@@ -217,8 +221,7 @@ class Backend:
                     value, seconds = await connection.result(future)
                     break
                 except Unavailable:
-                    for cell, conn in zip(self.cells, self.connections, strict=True):
-                        cell.capacity = conn.capacity()
+                    self._observe_capacities()
                     target = failover(computation, index, self.cells, tried)
                     if target is None:
                         raise
