@@ -33,6 +33,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -41,6 +42,7 @@ import yaml
 from distributed import Client
 
 from service import tasks
+from service.batching import Batch, Batcher, BatchLimits
 from service.cells import Cell, failover, place
 from service.config import Settings
 from service.connection import SchedulerConnection
@@ -55,6 +57,25 @@ __all__ = ["Abandoned", "Backend", "ComputeFailed", "ComputeTimeout", "Unavailab
 logger = logging.getLogger("compute_api.backend")
 
 dask.config.update_defaults(yaml.safe_load(resources.files("service").joinpath("dask.yaml").read_text()))
+
+
+@dataclass(eq=False)
+class _Member:
+    """A computation waiting in a batch, and where its own outcome arrives."""
+
+    arg: Any
+    computation: Computation
+    outcome: asyncio.Future[tuple[Any, float]]
+    run: asyncio.Future[None] | None = None  # its batch's run, once sent
+    mates: list[_Member] = field(default_factory=list)  # its batch's members, once sent
+
+
+def _settle(members: list[_Member], exc: Exception) -> None:
+    """The whole batch failed (e.g. its scheduler was lost): every member still waiting gets ``exc``
+    and fails over, or fails, on its own."""
+    for member in members:
+        if not member.outcome.done():
+            member.outcome.set_exception(exc)
 
 
 def limits(settings: Settings) -> Limits:
@@ -95,6 +116,11 @@ class Backend:
             for i, address in enumerate(addresses)
         ]
         self._cell_of: dict[Computation, int] = {}  # which cell's table holds a running computation
+        self.batch_limits = BatchLimits(settings.batch_max_size, settings.batch_max_cost, settings.batch_linger)
+        self._batchers: dict[tuple[int, str], Batcher[_Member]] = {}  # per cell and function
+        self._lingers: dict[tuple[int, str], asyncio.TimerHandle] = {}
+        self._tasks = [0] * len(addresses)  # Dask tasks in flight per cell (a batch is one)
+        self._batch_runs: set[asyncio.Future[None]] = set()
         metrics.bind([
             CellReadings(
                 in_flight=lambda cell=cell: float(len(cell.inflight)),
@@ -136,6 +162,10 @@ class Backend:
             for computation in list(cell.inflight.running):
                 if isinstance(computation.handle, asyncio.Task):
                     computation.handle.cancel()
+        for run in list(self._batch_runs):
+            run.cancel()
+        for timer in self._lingers.values():
+            timer.cancel()
         await asyncio.gather(*(connection.close() for connection in self.connections))
         await asyncio.gather(*(cluster.close() for cluster in self.embedded))
 
@@ -209,16 +239,9 @@ class Backend:
             while True:
                 index = self._cell_of[computation]
                 tried.add(index)
-                connection = self.connections[index]
                 self.metrics.cell_computations.labels(str(index)).inc()
                 try:
-                    try:
-                        key = f"{task.name}-{arg}-{uuid.uuid4().hex}"
-                        future = connection.submit(tasks.timed, task.func, arg, key=key, priority=computation.priority)
-                    except Exception as exc:  # the Client closed between the capacity check and now
-                        detail = f"cannot submit: {exc!r}"
-                        raise Unavailable("scheduler_unreachable", detail, self.settings.retry_after) from exc
-                    value, seconds = await connection.result(future)
+                    value, seconds = await self._execute(index, task, arg, computation)
                     break
                 except Unavailable:
                     self._observe_capacities()
@@ -233,6 +256,107 @@ class Backend:
             self.cells[self._cell_of.pop(computation)].inflight.finish(computation)
         self.costs[task.name].learn(arg, seconds)
         return value
+
+    # -- Dask tasks: one per computation, or one per batch (service.batching) -----------------
+
+    async def _execute(self, index: int, task: tasks.Task, arg: Any, computation: Computation) -> tuple[Any, float]:
+        """``(value, worker seconds)`` of one computation on cell ``index``, in a task of its own or
+        in a batch with other cheap ones while every worker thread of the cell is busy."""
+        batcher = self._batcher(index, task)
+        if not batcher.batches(computation.cost, self.cells[index].capacity.threads, self._tasks[index]):
+            return await self._single(index, task, arg, computation)
+        loop = asyncio.get_running_loop()
+        member = _Member(arg, computation, loop.create_future())
+        self._send(index, task, batcher.add(member, computation.cost, loop.time()))
+        self._arm_linger(index, task)
+        try:
+            return await member.outcome
+        except asyncio.CancelledError:
+            # Released (its last waiter left) or shutting down: a pending member leaves its batch;
+            # a sent batch runs on for its other members unless none of them waits any more.
+            if not batcher.remove(member) and member.run is not None and all(m.outcome.done() for m in member.mates):
+                member.run.cancel()
+            raise
+
+    def _batcher(self, index: int, task: tasks.Task) -> Batcher[_Member]:
+        # One per cell and function: a batch is one function over several arguments.
+        batcher = self._batchers.get((index, task.name))
+        if batcher is None:
+            batcher = self._batchers[(index, task.name)] = Batcher(self.batch_limits)
+        return batcher
+
+    def _submit(self, index: int, func: Callable[..., Any], *args: Any, key: str, priority: int) -> Any:
+        try:
+            future = self.connections[index].submit(func, *args, key=key, priority=priority)
+        except Exception as exc:  # the Client closed between the capacity check and now
+            raise Unavailable("scheduler_unreachable", f"cannot submit: {exc!r}", self.settings.retry_after) from exc
+        self._tasks[index] += 1
+        self.metrics.dask_tasks.inc()
+        return future
+
+    async def _single(self, index: int, task: tasks.Task, arg: Any, computation: Computation) -> tuple[Any, float]:
+        key = f"{task.name}-{arg}-{uuid.uuid4().hex}"
+        future = self._submit(index, tasks.timed, task.func, arg, key=key, priority=computation.priority)
+        try:
+            return await self.connections[index].result(future)
+        finally:
+            self._task_done(index)
+
+    def _send(self, index: int, task: tasks.Task, batches: list[Batch[_Member]]) -> None:
+        for batch in batches:
+            if not batch.members:
+                continue
+            run = asyncio.ensure_future(self._run_batch(index, task, batch.members))
+            self._batch_runs.add(run)
+            run.add_done_callback(self._batch_runs.discard)
+            for member in batch.members:
+                member.run, member.mates = run, batch.members
+
+    async def _run_batch(self, index: int, task: tasks.Task, members: list[_Member]) -> None:
+        """One Dask task for several computations; each member gets its own outcome."""
+        self.metrics.batch_size.observe(len(members))
+        key = f"{task.name}-batch-{uuid.uuid4().hex}"
+        priority = max(member.computation.priority for member in members)  # its cheapest member's
+        try:
+            future = self._submit(index, tasks.timed_batch, task.func, [m.arg for m in members], key=key,
+                                  priority=priority)
+        except Unavailable as exc:
+            _settle(members, exc)
+            return
+        try:
+            outcomes = await self.connections[index].result(future)
+        except (Unavailable, ComputeFailed) as exc:  # the whole task failed: each member fails over or fails
+            _settle(members, exc)
+            return
+        finally:
+            self._task_done(index)
+        for member, (ok, value, seconds) in zip(members, outcomes, strict=True):
+            if not member.outcome.done():
+                if ok:
+                    member.outcome.set_result((value, seconds))
+                else:
+                    member.outcome.set_exception(ComputeFailed(f"{type(value).__name__}: {value}"))
+
+    def _task_done(self, index: int) -> None:
+        """A Dask task of cell ``index`` ended: a freed thread takes the pending batches now."""
+        self._tasks[index] -= 1
+        threads = self.cells[index].capacity.threads
+        for (cell, name), batcher in self._batchers.items():
+            if cell == index and (batch := batcher.freed(threads, self._tasks[index])) is not None:
+                self._send(index, self.registry[name], [batch])
+
+    def _arm_linger(self, index: int, task: tasks.Task) -> None:
+        deadline = self._batcher(index, task).deadline()
+        if deadline is not None and (index, task.name) not in self._lingers:
+            loop = asyncio.get_running_loop()
+            self._lingers[(index, task.name)] = loop.call_at(deadline, self._linger_over, index, task)
+
+    def _linger_over(self, index: int, task: tasks.Task) -> None:
+        del self._lingers[(index, task.name)]
+        batch = self._batcher(index, task).due(asyncio.get_running_loop().time())
+        if batch is not None:
+            self._send(index, task, [batch])
+        self._arm_linger(index, task)  # a newer pending batch has a later deadline
 
     async def _wait(self, computation: Computation, disconnected: Callable[[], Awaitable[Any]] | None) -> Any:
         run = computation.handle

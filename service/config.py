@@ -74,6 +74,23 @@ class Settings(BaseSettings):
         description="computations admitted and held while the cluster has no workers, so an autoscaler "
         "can start one (scale from zero); 0 = answer 503 at once",
     )
+    batch_max_size: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="adaptive micro-batching: at most this many cheap computations in one Dask task, "
+        "formed only while every worker thread of the cell is busy (1 = never batch)",
+    )
+    batch_max_cost: float = Field(
+        0.025,
+        gt=0,
+        le=10,
+        description="seconds of estimated work in one batch; a computation is batched only if twice its "
+        "cost fits",
+    )
+    batch_linger: float = Field(
+        0.02, ge=0, le=1, description="seconds the first computation of a batch waits for others at most"
+    )
     graceful_shutdown_timeout: float = Field(
         20.0, ge=0, description="on SIGTERM, seconds to finish in-flight requests"
     )

@@ -22,6 +22,9 @@ from service.errors import REASONS
 # Latency buckets spanning an inline /fast (sub-millisecond) to a long fib (tens of seconds).
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
+# Computations per batched Dask task (BATCH_MAX_SIZE is 16 by default).
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
 # Where a computation ran: in the API's event loop (cheaper than a round trip) or on the cluster.
 WHERE = ("inline", "dask")
 
@@ -73,6 +76,17 @@ class Metrics:
         self.released = Counter(
             "compute_api_released_computations",
             "Computations cancelled on the cluster because no request waited for them any more.",
+            registry=self.registry,
+        )
+        self.dask_tasks = Counter(
+            "compute_api_dask_tasks",
+            "Dask tasks submitted: one per computation, or one per batch of cheap computations.",
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "compute_api_batch_size",
+            "Computations per batched Dask task (only computations that waited in a batch).",
+            buckets=BATCH_SIZES,
             registry=self.registry,
         )
         self.in_flight = Gauge(

@@ -37,6 +37,22 @@ def timed(func: Callable[[int], object], arg: int) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
+def timed_batch(func: Callable[[int], object], args: list[int]) -> list[tuple[bool, object, float]]:
+    """Run ``func`` on each argument of a batch (service.batching), one after another on one worker.
+
+    Each item reports ``(ok, result or the exception it raised, seconds)``: one failing item fails
+    only its own request, never its batch-mates.
+    """
+    outcomes: list[tuple[bool, object, float]] = []
+    for arg in args:
+        start = time.perf_counter()
+        try:
+            outcomes.append((True, func(arg), time.perf_counter() - start))
+        except Exception as exc:  # reported to that item's requests only
+            outcomes.append((False, exc, time.perf_counter() - start))
+    return outcomes
+
+
 @dataclass(frozen=True)
 class Task:
     """A compute function and its cost model.
