@@ -12,12 +12,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -206,3 +208,19 @@ def dask_cluster_procs(tmp_path: Path) -> Iterator[DaskProcesses]:
     cluster.wait_for_workers(2)
     yield cluster
     cluster.close()
+
+
+@contextlib.contextmanager
+def uvicorn_thread(app, port: int) -> Iterator[str]:
+    """A real uvicorn server for an app built in this process (here: with a test-only registry)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, what=f"{url}/readyz")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "uvicorn did not shut down"

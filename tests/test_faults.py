@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import uvicorn
-from conftest import ROOT, DaskProcesses, ServerProcess, free_port, scrape, wait_until
+from conftest import ROOT, DaskProcesses, ServerProcess, free_port, scrape, uvicorn_thread, wait_until
 from killer import KILLER
 from sizing import fib_n_lasting, fib_value
 
@@ -64,22 +60,6 @@ def test_worker_killed_mid_computation_loses_no_request(tmp_path: Path) -> None:
             assert [r.json() for r in responses] == [{"n": n, "value": fib_value(n)} for n in ns], figure
     finally:
         cluster.close()
-
-
-@contextmanager
-def uvicorn_thread(app, port: int) -> Iterator[str]:
-    """A real uvicorn server for an app built in this process (here: with a test-only registry)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, what=f"{url}/readyz")
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "uvicorn did not shut down"
 
 
 def test_task_that_kills_every_worker_fails_with_500_and_the_service_stays_up(tmp_path: Path) -> None:

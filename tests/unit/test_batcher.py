@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.batching import BatchLimits, Batcher
+from service.batching import Batcher, BatchLimits
 
 LIMITS = BatchLimits(max_size=4, max_cost=0.025, linger=0.02)
 CHEAP = 0.002  # seconds: cheap enough to batch (2 x 0.002 <= 0.025)

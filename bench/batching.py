@@ -1,0 +1,160 @@
+"""Scheduler CPU per cheap request, with adaptive micro-batching and without (``python -m bench.batching``).
+
+A real ``dask scheduler`` and single-threaded ``dask worker`` processes, and ``compute-api serve``
+pointed at them, once with batching (``BATCH_MAX_SIZE`` at its default) and once without
+(``BATCH_MAX_SIZE=1``). Each run offers cheap ``/fib/{n}`` requests (about a millisecond of work,
+``INLINE_MAX_COST=0`` so none runs in the API) at a fixed open-loop rate, with a paced ``/fast``
+probe alongside, and reads the CPU time of the scheduler and API processes from the OS. Prints
+figures; never fails on a target (they are the issue's, measured here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.driver import Driver, latency_ms, percentile, status_counts
+from bench.server import HOST, ROOT, ServerSpec, free_port, running
+from service.tasks import fib
+
+DASK = Path(sys.executable).parent / "dask"
+
+
+def cheap_n(seconds: float = 0.001) -> int:
+    """The smallest n whose fib(n) takes ``seconds`` here: cheap, yet above INLINE_MAX_COST's default."""
+    n = 10
+    while True:
+        start = time.perf_counter()
+        fib(n)
+        if time.perf_counter() - start >= seconds:
+            return n
+        n += 1
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+@contextlib.contextmanager
+def dask_cluster(workers: int, log_dir: Path) -> Iterator[tuple[str, int]]:
+    """A scheduler and ``workers`` single-threaded workers; yields (address, scheduler pid)."""
+    port = free_port()
+    address = f"tcp://{HOST}:{port}"
+    procs = []
+    with open(log_dir / "dask.log", "wb") as log:
+        def spawn(*args: str) -> subprocess.Popen[bytes]:
+            proc = subprocess.Popen([str(DASK), *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            procs.append(proc)
+            return proc
+
+        try:
+            scheduler = spawn("scheduler", "--host", HOST, "--port", str(port), "--no-dashboard")
+            for _ in range(workers):
+                spawn("worker", address, "--nthreads", "1", "--no-dashboard", "--host", HOST)
+            yield address, scheduler.pid
+        finally:
+            for proc in reversed(procs):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 15)
+            for proc in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+
+
+def _metric(text: str, name: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return sample.value
+    return math.nan
+
+
+async def phase(url: str, scheduler_pid: int, api_pid: int, n: int, rate: float, seconds: float) -> dict[str, Any]:
+    async with Driver(url) as driver:
+        await driver.burst(f"/fib/{n}", 20)  # warm the connection pool, the cost model and the workers
+        before_metrics = await driver.text("/metrics")
+        stop = asyncio.Event()
+
+        async def probe() -> list[Any]:
+            samples = []
+            while not stop.is_set():
+                samples.append(await driver.get("/fast", timeout=10))
+                await asyncio.sleep(0.01)
+            return samples
+
+        scheduler0, api0 = cpu_seconds(scheduler_pid), cpu_seconds(api_pid)
+        fast = asyncio.create_task(probe())
+        fib_samples = await driver.open_loop(f"/fib/{n}", rate, seconds, timeout=30)
+        stop.set()
+        fast_samples = await fast
+        scheduler_cpu, api_cpu = cpu_seconds(scheduler_pid) - scheduler0, cpu_seconds(api_pid) - api0
+        after_metrics = await driver.text("/metrics")
+    ok = sum(s.status == 200 for s in fib_samples)
+    counter = "compute_api_dask_tasks_total"
+    tasks = _metric(after_metrics, counter) - _metric(before_metrics, counter)
+    fast_ms = sorted(s.latency * 1000 for s in fast_samples)
+    return {
+        "statuses": status_counts(fib_samples),
+        "answered_per_s": ok / seconds,
+        "scheduler_ms_per_request": 1000 * scheduler_cpu / max(ok, 1),
+        "api_ms_per_request": 1000 * api_cpu / max(ok, 1),
+        "requests_per_task": ok / tasks if tasks else math.nan,
+        "fib_p99_ms": latency_ms(fib_samples).get("p99", math.nan),
+        "fast_p50_ms": percentile(fast_ms, 50),
+        "fast_p99_ms": percentile(fast_ms, 99),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.batching", description=__doc__)
+    parser.add_argument("--rate", type=float, default=300.0, help="cheap requests per second (open loop)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load per run")
+    parser.add_argument("--workers", type=int, default=2, help="single-threaded Dask workers")
+    parser.add_argument("--n", type=int, default=None, help="fib(n) per request (default: ~1 ms here)")
+    args = parser.parse_args(argv)
+    n = args.n if args.n is not None else cheap_n()
+    with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp, dask_cluster(args.workers, Path(tmp)) as (
+        address, scheduler_pid
+    ):
+        rows = {}
+        for label, size in (("batched (BATCH_MAX_SIZE=16)", "16"), ("unbatched (BATCH_MAX_SIZE=1)", "1")):
+            spec = ServerSpec(
+                "compute-api", label,
+                (sys.executable, "-m", "service", "serve", "--port", "{port}", "--log-level", "warning"),
+                "/readyz",
+                env={"DASK_SCHEDULER_ADDRESS": address, "BATCH_MAX_SIZE": size, "INLINE_MAX_COST": "0",
+                     "COALESCE": "false", "FIB_MAX_N": "40"},
+            )
+            with running(spec, args.workers, Path(tmp)) as url:
+                api_pid = next(c.pid for c in psutil.net_connections("tcp")
+                               if c.status == "LISTEN" and c.laddr.port == int(url.rsplit(":", 1)[1]))
+                rows[label] = asyncio.run(phase(url, scheduler_pid, api_pid, n, args.rate, args.seconds))
+            print(f"{label}: " + ", ".join(
+                f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[label].items()), flush=True)
+    print(f"\nfib({n}) at {args.rate:g} req/s for {args.seconds:g} s, {args.workers} single-threaded workers, "
+          f"{os.cpu_count()} cores")
+    print("| run | answered/s | scheduler CPU ms/request | API CPU ms/request | requests/Dask task "
+          "| /fast p99 ms |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, r in rows.items():
+        print(f"| {label} | {r['answered_per_s']:.0f} | {r['scheduler_ms_per_request']:.2f} | "
+              f"{r['api_ms_per_request']:.2f} | {r['requests_per_task']:.1f} | {r['fast_p99_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Test-only compute function that fails for odd arguments on a Dask worker.
+
+Importable by the workers when ``tests/`` is on their ``PYTHONPATH``, and reachable over HTTP only
+through ``create_app(registry={"fib": FAILING})``: production's registry never holds it.
+"""
+
+from __future__ import annotations
+
+from distributed import get_worker
+
+from service.tasks import PHI, Task, fib
+
+
+def fib_or_fail(n: int) -> int:
+    """On a Dask worker: fib(n) for even n, ValueError for odd n. Anywhere else (calibration): fib(n)."""
+    try:
+        get_worker()
+    except ValueError:
+        return fib(n)
+    if n % 2:
+        raise ValueError(f"odd argument {n}")
+    return fib(n)
+
+
+FAILING = Task(name="fib", func=fib_or_fail, relative_cost=lambda n: PHI**n, calibration_arg=20)
