@@ -9,8 +9,10 @@ answered.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import httpx
 import pytest
 from conftest import ROOT, DaskProcesses, ServerProcess, free_port, scrape, uvicorn_thread, wait_until
 from failing import FAILING
-from sizing import fib_n_lasting, fib_value
+from sizing import fib_estimate, fib_n_lasting, fib_value
 
 from service.app import create_app
 from service.config import Settings
@@ -159,3 +161,27 @@ def test_an_abandoned_member_leaves_its_batch_mates_answered(tmp_path: Path, one
               f"{metrics['compute_api_batch_size_count']:g} of {metrics['compute_api_batch_size_sum']:g}")
         assert metrics["compute_api_released_computations_total"] == BURST // 2
         assert metrics["compute_api_batch_size_count"] >= 1
+
+
+def test_batched_computations_count_in_admission(tmp_path: Path, one_thread: DaskProcesses) -> None:
+    # Three times more cheap work than MAX_QUEUE_WAIT lets queue: were batch members not counted in the
+    # queued cost, every request would be admitted. Each refused one gets a fast 503 with Retry-After.
+    max_queue_wait = 0.5
+    n = fib_n_lasting(0.01)
+    count = math.ceil(3 * max_queue_wait / fib_estimate(n))
+    env = {"DASK_SCHEDULER_ADDRESS": one_thread.address, **SETTINGS, "MAX_QUEUE_WAIT": str(max_queue_wait)}
+    with ServerProcess(tmp_path, env=env) as server:
+        blocker = fib_n_lasting(0.2)
+        *responses, held = asyncio.run(burst(server.url, [n] * count, blocker=blocker, cluster=one_thread))
+        assert held.json() == {"n": blocker, "value": fib_value(blocker)}, held.text
+        statuses = Counter(r.status_code for r in responses)
+        _, batches, members = batched(server.url)
+        figure = f"{count} x fib({n}) behind a busy thread: {dict(statuses)}; {batches:g} batches of {members:g}"
+        print(figure)
+        assert set(statuses) == {200, 503} and batches >= 1, figure
+        for r in responses:
+            if r.status_code == 503:
+                assert "estimated queue wait" in r.json()["detail"] and int(r.headers["retry-after"]) >= 1, r.text
+            else:
+                assert r.json() == {"n": n, "value": fib_value(n)}, r.text
+        wait_until(lambda: scrape(server.url)["compute_api_computations_in_flight"] == 0, 60, 0.1, "all settled")
