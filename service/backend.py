@@ -1,9 +1,10 @@
 """The backend: a request for ``name(arg)`` in, its value (or a precise failure) out.
 
-It wires four parts, each in a module of its own: ``service.inflight`` decides admission and
+It wires five parts, each in a module of its own: ``service.inflight`` decides admission and
 coalescing (pure state machine), ``service.cells`` places each request on one of several
 independent Dask clusters ("cells", one or more; pure), ``service.connection`` talks to one
-scheduler, ``service.embedded`` runs ``make run``'s clusters.
+scheduler, ``service.embedded`` runs ``make run``'s clusters. ``service.batching`` decides when
+cheap computations share one Dask task (pure): each stays a computation of its own here.
 
 Failure model, in the order a request meets it (with several cells, each decision is a cell's; a
 request is refused only when no cell can take it):

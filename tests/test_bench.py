@@ -82,3 +82,17 @@ def test_quick_run_figures_are_complete_and_sane(run: tuple[subprocess.Completed
         "coalescing (g)",
         "overload (h)",
     }
+
+
+@pytest.mark.timeout(180)
+def test_batching_bench_measures_both_runs() -> None:
+    # The plumbing of `python -m bench.batching` on a tiny load: both runs answer every request and
+    # report their CPU; the figures themselves are the bench's output, not asserted.
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.batching", "--rate", "50", "--seconds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| batched") or line.startswith("| unbatched")]
+    assert len(rows) == 2, done.stdout
+    assert done.stdout.count("statuses {'200': 50}") == 2, done.stdout
