@@ -178,3 +178,7 @@ def test_overload_2x_and_10x(server: ServerProcess) -> None:
         len(p.rejections()) for p in phases
     )
     assert samples["compute_api_computations_in_flight"] == 0
+    # fib(N) costs far more than BATCH_MAX_COST: batching (on by default) never engages here, each
+    # computation is a Dask task of its own (tests/test_batching.py overloads cheap, batched work).
+    assert samples["compute_api_batch_size_count"] == 0
+    assert samples["compute_api_dask_tasks_total"] == samples['compute_api_computations_total{where="dask"}']
