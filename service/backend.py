@@ -30,6 +30,7 @@ disconnect.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -40,7 +41,7 @@ import dask.config
 import yaml
 from distributed import Client
 
-from service import tasks
+from service import functions, tasks
 from service.cells import Cell, failover, place
 from service.config import Settings
 from service.connection import SchedulerConnection
@@ -69,13 +70,23 @@ def limits(settings: Settings) -> Limits:
     )
 
 
+def task_label(arg: functions.Args) -> str:
+    """The readable middle of a Dask key: small integer arguments as they are ("fib-25-<uuid>"),
+    anything else (user text) as a short digest, so keys stay short and free of odd characters."""
+    if all(type(a) is int for a in arg) and len(arg) <= 4:
+        return "-".join(map(str, arg))
+    return hashlib.blake2b(repr(arg).encode(), digest_size=8).hexdigest()
+
+
 class Backend:
-    def __init__(self, settings: Settings, metrics: Metrics, registry: Mapping[str, tasks.Task] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, registry: Mapping[str, functions.Function] | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        # Only these functions can ever be submitted. Tests inject their own (e.g. a task that
-        # kills its worker); production always uses tasks.REGISTRY.
-        self.registry: Mapping[str, tasks.Task] = tasks.REGISTRY if registry is None else registry
+        # Only these functions can ever be submitted: the built-ins and COMPUTE_TASKS's (the app
+        # loads them), or a test's own (e.g. a task that kills its worker).
+        self.registry: Mapping[str, functions.Function] = tasks.REGISTRY if registry is None else registry
         self.costs: dict[str, CostModel] = {}
         addresses = settings.cell_addresses
         workers = max(1, settings.workers // len(addresses))  # embedded: the cores, shared by the cells
@@ -156,9 +167,9 @@ class Backend:
     # -- compute -----------------------------------------------------------------------------
 
     async def compute(
-        self, name: str, arg: Any, disconnected: Callable[[], Awaitable[Any]] | None = None
+        self, name: str, arg: functions.Args, disconnected: Callable[[], Awaitable[Any]] | None = None
     ) -> Any:
-        """``name(arg)`` for a registered task and a validated argument.
+        """``name(*arg)`` for a declared function and arguments its ``validate`` returned.
 
         ``disconnected`` returns when the client has gone away: a request nobody waits for any
         more must release its computation instead of occupying a worker.
@@ -169,7 +180,9 @@ class Backend:
             self.metrics.rejected.labels(exc.reason).inc()
             raise
 
-    async def _compute(self, name: str, arg: Any, disconnected: Callable[[], Awaitable[Any]] | None) -> Any:
+    async def _compute(
+        self, name: str, arg: functions.Args, disconnected: Callable[[], Awaitable[Any]] | None
+    ) -> Any:
         task = self.registry[name]  # KeyError: only registered functions can ever be submitted
         cost = self.costs[name]
         key = (name, arg)
@@ -184,14 +197,17 @@ class Backend:
         match decision:
             case Inline():
                 # Cheaper than the round trip to a worker: the event loop barely notices it.
-                self.metrics.computations.labels("inline").inc()
-                return task.func(arg)
+                self.metrics.computed(name, "inline")
+                try:
+                    return task.call(arg)
+                except Exception as exc:  # as a worker's failure is reported: type and message
+                    raise ComputeFailed(f"{type(exc).__name__}: {exc}") from exc
             case Reject(reason, detail, retry_after):
                 raise Unavailable(reason, detail, retry_after)
             case Admit(computation):
                 self._cell_of[computation] = index
                 computation.handle = asyncio.ensure_future(self._run(task, arg, computation))
-                self.metrics.computations.labels("dask").inc()
+                self.metrics.computed(name, "cluster")
             case Join(computation):
                 self.metrics.coalesced.inc()
         return await self._wait(computation, disconnected)
@@ -201,7 +217,7 @@ class Backend:
         for cell, connection in zip(self.cells, self.connections, strict=True):
             cell.capacity = connection.capacity()
 
-    async def _run(self, task: tasks.Task, arg: Any, computation: Computation) -> Any:
+    async def _run(self, task: functions.Function, arg: functions.Args, computation: Computation) -> Any:
         """Carry out one admitted computation (one asyncio task per computation): on its cell, or,
         when that cell loses its scheduler, on the next cell that can serve."""
         tried: set[int] = set()
@@ -213,8 +229,10 @@ class Backend:
                 self.metrics.cell_computations.labels(str(index)).inc()
                 try:
                     try:
-                        key = f"{task.name}-{arg}-{uuid.uuid4().hex}"
-                        future = connection.submit(tasks.timed, task.func, arg, key=key, priority=computation.priority)
+                        key = f"{task.name}-{task_label(arg)}-{uuid.uuid4().hex}"
+                        # The function travels by reference (module and name): workers import it.
+                        future = connection.submit(functions.timed, task.func, *arg, key=key,
+                                                   priority=computation.priority)
                     except Exception as exc:  # the Client closed between the capacity check and now
                         detail = f"cannot submit: {exc!r}"
                         raise Unavailable("scheduler_unreachable", detail, self.settings.retry_after) from exc
