@@ -215,7 +215,7 @@ async def compute(request: Request) -> Response:
             return answered(request, name, error(413, "body_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes"))
         try:
             raw = json.loads(raw_body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             return answered(request, name, invalid(InvalidArguments(
                 [{"parameter": "(body)", "message": f"not JSON: {exc}"}])))
         if not isinstance(raw, dict):

@@ -112,6 +112,17 @@ def unbounded(annotation: Any) -> str | None:
     return f"type {getattr(base, '__name__', base)!r} is not supported (int, float, bool, str, Literal, list)"
 
 
+def _encodable(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+    elif isinstance(value, (list, tuple)):
+        return all(_encodable(v) for v in value)
+    return True
+
+
 def _hashable(value: Any) -> Any:
     return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -156,6 +167,11 @@ class Function:
             {"parameter": name, "message": f"must be at most {cap:g}, got {values[name]!r}"}
             for name, cap in (caps or {}).items()
             if name in values and values[name] > cap
+        ] + [
+            # JSON's "\ud800" decodes to a lone surrogate, which no function can encode.
+            {"parameter": name, "message": "is not valid Unicode (a lone surrogate)"}
+            for name, value in values.items()
+            if not _encodable(value)
         ]
         if over:
             raise InvalidArguments(over)

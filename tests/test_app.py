@@ -98,9 +98,12 @@ def test_compute_routes_serve_validate_and_count(client: TestClient) -> None:
     assert client.post("/compute/fib", json={"n": 20}).json()["value"] == 6765
     r = client.get("/compute/fib?n=31")  # FIB_MAX_N applies to /compute/fib as to /fib/{n}
     assert (r.status_code, r.json()["error"], r.json()["parameters"][0]["parameter"]) == (422, "invalid_argument", "n")
-    for bad in (b"[1]", b"{", "{\"n\": \"\u0663\"}".encode()):
+    for bad in (b"[1]", b"{", "{\"n\": \"\u0663\"}".encode(), b"[" * 60000, b"\xff",
+                b'{"n": 1' + b"0" * 5000 + b"}"):
         r = client.post("/compute/fib", content=bad)
         assert (r.status_code, r.json()["error"]) == (422, "invalid_argument"), (bad, r.text)
+    r = client.post("/compute/derive", content=b'{"text": "\\ud800", "salt": "s", "iterations": 1}')
+    assert (r.status_code, r.json()["parameters"][0]["parameter"]) == (422, "text"), r.text
     r = client.post("/compute/fib", content=b" " * (64 * 1024 + 1))
     assert (r.status_code, r.json()["error"]) == (413, "body_too_large")
     r = client.get("/compute/nope")
