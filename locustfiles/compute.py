@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode
 
-from workload import SpecError
+from workload import SpecError, weighted_items
 
 from service.functions import Function, Registry, RegistryError
 
@@ -77,16 +77,9 @@ def parse_functions(spec: str, modules: str = "") -> ComputePlan:
     if not spec.strip():
         return ComputePlan(tuple(registry.values()), (1.0,) * len(registry))
     functions, weights = [], []
-    for item in spec.split(","):
-        name, _, weight_text = item.strip().partition(":")
+    for name, weight in weighted_items(spec):
         if name not in registry:
             raise SpecError(f"--functions {spec!r}: {name!r} is not declared (declared: {', '.join(registry)})")
-        try:
-            weight = float(weight_text) if weight_text.strip() else 1.0
-        except ValueError:
-            raise SpecError(f"--functions {spec!r}: weight {weight_text!r} is not a number") from None
-        if weight <= 0:
-            raise SpecError(f"--functions {spec!r}: weights must be positive")
         functions.append(registry[name])
         weights.append(weight)
     return ComputePlan(tuple(functions), tuple(weights))
