@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from service import __version__
-from service.backend import Abandoned, Backend, ComputeFailed, ComputeTimeout, Unavailable
+from service.backend import Abandoned, Backend, ComputeFailed, ComputeTimeout, Unavailable, task_label
 from service.config import Settings
 from service.functions import Function, InvalidArguments, Registry
 from service.metrics import Metrics, MetricsMiddleware
@@ -163,12 +163,16 @@ async def run(request: Request, function: Function, args: tuple[Any, ...], body:
     except ComputeTimeout as exc:
         response = error(504, "timeout", str(exc))
     except ComputeFailed as exc:
-        logger.warning("%s%r failed: %s", function.name, args, exc)
+        # Arguments may be secrets (derive's text): the log names them by digest only.
+        logger.warning("%s(%s) failed: %s", function.name, task_label(args), exc)
         response = error(500, "compute_failed", str(exc))
     except Abandoned:
         response = error(CLIENT_CLOSED_REQUEST, "client_closed_request", "the client disconnected")
     else:
-        response = JSONResponse(body(value))
+        try:
+            response = JSONResponse(body(value))
+        except (TypeError, ValueError) as exc:  # the function returned something JSON cannot carry
+            response = error(500, "compute_failed", f"{type(exc).__name__}: {exc}")
     return answered(request, function.name, response)
 
 

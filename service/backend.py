@@ -123,7 +123,7 @@ class Backend:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.costs = {name: CostModel(task.relative_cost, task.calibrate()) for name, task in self.registry.items()}
+        self.costs = {name: CostModel(task.relative_cost, self._calibrate(task)) for name, task in self.registry.items()}
         if self.embedded:
             await asyncio.gather(*(cluster.start() for cluster in self.embedded))
             for cell, connection, cluster in zip(self.cells, self.connections, self.embedded, strict=True):
@@ -141,6 +141,15 @@ class Backend:
                     logger.warning("scheduler %s unreachable at start-up: %r", connection.address, exc)
         for connection in self.connections:
             connection.supervise()
+
+    @staticmethod
+    def _calibrate(task: functions.Function) -> float:
+        try:
+            return task.calibrate()
+        except Exception as exc:  # a user's function that fails on its own calibration arguments
+            raise functions.RegistryError(
+                f"compute function {task.name!r} ({task.module}) raised while calibrating on "
+                f"{dict(task.calibration)!r}: {type(exc).__name__}: {exc}") from None
 
     async def close(self) -> None:
         for cell in self.cells:

@@ -46,11 +46,11 @@ def blend(
 
 
 @declare(cost=lambda code: 1.0, calibration={"code": "calibrate"})
-def explode(code: Literal["calibrate", "boom"]) -> str:
-    """Raises on purpose (but not while the API calibrates it)."""
+def explode(code: Literal["calibrate", "boom", "set"]) -> object:
+    """Raises on purpose (but not while the API calibrates it), or returns what JSON cannot carry."""
     if code == "boom":
         raise ValueError("the user's function gave up: boom")
-    return code
+    return {1, 2} if code == "set" else code
 '''
 
 
@@ -116,6 +116,8 @@ def test_unknown_function_and_failing_function(server: ServerProcess) -> None:
         assert r.status_code == 500, r.text
         assert r.json() == {"error": "compute_failed", "detail": "ValueError: the user's function gave up: boom"}
         assert "Traceback" not in r.text and "File " not in r.text
+    r = httpx.get(f"{server.url}/compute/explode", params={"code": "set"})
+    assert (r.status_code, r.json()["error"]) == (500, "compute_failed") and r.json()["detail"].startswith("TypeError:")
 
 
 def test_listed_in_openapi(server: ServerProcess) -> None:
