@@ -123,7 +123,8 @@ class Backend:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.costs = {name: CostModel(task.relative_cost, self._calibrate(task)) for name, task in self.registry.items()}
+        self.costs = {name: CostModel(task.relative_cost, self._calibrate(task))
+                      for name, task in self.registry.items()}
         if self.embedded:
             await asyncio.gather(*(cluster.start() for cluster in self.embedded))
             for cell, connection, cluster in zip(self.cells, self.connections, self.embedded, strict=True):
