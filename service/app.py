@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -213,22 +212,15 @@ async def compute(request: Request) -> Response:
     if function is None:
         known = ", ".join(sorted(registry))
         return error(404, "unknown_function", f"no compute function {name[:100]!r}; declared: {known}")
-    if request.method == "POST":
-        raw_body = await _read_body(request)
-        if raw_body is None:
-            return answered(request, name, error(413, "body_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes"))
-        try:
-            raw = json.loads(raw_body)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            return answered(request, name, invalid(InvalidArguments(
-                [{"parameter": "(body)", "message": f"not JSON: {exc}"}])))
-        if not isinstance(raw, dict):
-            return answered(request, name, invalid(InvalidArguments(
-                [{"parameter": "(body)", "message": "must be a JSON object of arguments"}])))
-    else:
-        raw = query_arguments(request, function)
+    caps_now = caps(request.app.state.settings, function)
     try:
-        args = function.validate(raw, caps(request.app.state.settings, function))
+        if request.method == "POST":
+            body = await _read_body(request)
+            if body is None:
+                return answered(request, name, error(413, "body_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes"))
+            args = function.validate_json(body, caps_now)
+        else:
+            args = function.validate(query_arguments(request, function), caps_now)
     except InvalidArguments as exc:
         return answered(request, name, invalid(exc))
     return await run(request, function, args,

@@ -148,12 +148,20 @@ class Function:
         return self.func.__module__
 
     def validate(self, raw: Mapping[str, Any], caps: Mapping[str, float] | None = None) -> Args:
-        """Canonical arguments from untrusted ``raw`` (query or JSON); ``InvalidArguments`` otherwise.
-
-        ``caps`` lowers a parameter's upper bound at run time (a setting such as FIB_MAX_N).
+        """Canonical arguments from untrusted ``raw`` (query strings: "7" is 7); ``InvalidArguments``
+        otherwise. ``caps`` lowers a parameter's upper bound at run time (a setting such as FIB_MAX_N).
         """
+        return self._canonical(lambda: self.model.model_validate(raw), caps)
+
+    def validate_json(self, body: bytes, caps: Mapping[str, float] | None = None) -> Args:
+        """The same from an untrusted JSON body, strictly typed: JSON has types, so ``"7"`` or
+        ``true`` for an integer is refused rather than converted. Not JSON, or not an object, is a
+        problem of the parameter ``(body)``."""
+        return self._canonical(lambda: self.model.model_validate_json(body, strict=True), caps)
+
+    def _canonical(self, parse: Callable[[], BaseModel], caps: Mapping[str, float] | None) -> Args:
         try:
-            values = self.model.model_validate(raw).model_dump()
+            values = parse().model_dump()
         except ValidationError as exc:
             problems = []
             for error in exc.errors(include_url=False):

@@ -89,22 +89,25 @@ def test_served_by_get_and_post_with_the_right_values(server: ServerProcess) -> 
     assert httpx.get(f"{server.url}/fib/20").json() == {"n": 20, "value": 6765}
 
 
-@pytest.mark.parametrize(("query", "parameter"), [
-    ({"count": "0", "scale": "1"}, "count"),
-    ({"count": "1", "scale": "10.5"}, "scale"),
-    ({"count": "1", "scale": "nan"}, "scale"),
-    ({"count": "1", "scale": "1", "mode": "mean"}, "mode"),
-    ({"count": "1", "scale": "1", "values": [str(i) for i in range(9)]}, "values"),
-    ({"count": "1", "scale": "1", "values": "101"}, "values"),
-    ({"scale": "1"}, "count"),
-    ({"count": "1", "scale": "1", "shell": "rm -rf /"}, "shell"),
+@pytest.mark.parametrize(("query", "body", "parameter"), [
+    ({"count": "0", "scale": "1"}, {"count": 0, "scale": 1}, "count"),
+    ({"count": "1", "scale": "10.5"}, {"count": 1, "scale": 10.5}, "scale"),
+    ({"count": "1", "scale": "nan"}, {"count": 1, "scale": "1"}, "scale"),  # POST: a string is not a number
+    ({"count": "1", "scale": "1", "mode": "mean"}, {"count": 1, "scale": 1, "mode": "mean"}, "mode"),
+    ({"count": "1", "scale": "1", "values": [str(i) for i in range(9)]},
+     {"count": 1, "scale": 1, "values": list(range(9))}, "values"),
+    ({"count": "1", "scale": "1", "values": "101"}, {"count": 1, "scale": 1, "values": [101]}, "values"),
+    ({"scale": "1"}, {"scale": 1}, "count"),
+    ({"count": "1", "scale": "1", "shell": "rm -rf /"}, {"count": True, "scale": 1}, None),
 ])
-def test_bad_arguments_are_422_naming_the_parameter(server: ServerProcess, query: dict, parameter: str) -> None:
-    for r in (httpx.get(f"{server.url}/compute/blend", params=query),
-              httpx.post(f"{server.url}/compute/blend", json=query)):
-        body = r.json()
-        assert (r.status_code, body["error"]) == (422, "invalid_argument"), r.text
-        assert parameter in [p["parameter"] for p in body["parameters"]], body
+def test_bad_arguments_are_422_naming_the_parameter(
+    server: ServerProcess, query: dict, body: dict, parameter: str | None
+) -> None:
+    for r, named in ((httpx.get(f"{server.url}/compute/blend", params=query), parameter or "shell"),
+                     (httpx.post(f"{server.url}/compute/blend", json=body), parameter or "count")):
+        answer = r.json()
+        assert (r.status_code, answer["error"]) == (422, "invalid_argument"), r.text
+        assert [p["parameter"] for p in answer["parameters"]] == [named], answer
 
 
 def test_unknown_function_and_failing_function(server: ServerProcess) -> None:

@@ -181,3 +181,13 @@ def test_registry_loading_errors_name_the_module(on_path: Path, body: str, messa
     name = write_module(on_path, f"userfns_{abs(hash(body))}", body)
     with pytest.raises(RegistryError, match=message.replace("MOD", name)):
         Registry.load(name)
+
+
+def test_json_bodies_are_strictly_typed() -> None:
+    assert WORK.validate_json(b'{"n": 7, "ratio": 1, "xs": [1, 2]}') == (7, 1.0, "a", (1, 2))
+    for body, parameter in [(b'{"n": "7", "ratio": 0.5}', "n"), (b'{"n": true, "ratio": 0.5}', "n"),
+                            (b'{"n": 7, "ratio": "0.5"}', "ratio"), (b"[7]", "(body)"), (b"{", "(body)"),
+                            (b"[" * 10_000, "(body)"), (b"\xff", "(body)")]:
+        with pytest.raises(InvalidArguments) as caught:
+            WORK.validate_json(body)
+        assert [p["parameter"] for p in caught.value.problems] == [parameter], body
