@@ -220,7 +220,7 @@ async def compute(request: Request) -> Response:
                 return answered(request, name, error(413, "body_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes"))
             args = function.validate_json(body, caps_now)
         else:
-            args = function.validate(query_arguments(request, function), caps_now)
+            args = function.validate_query(query_arguments(request, function), caps_now)
     except InvalidArguments as exc:
         return answered(request, name, invalid(exc))
     return await run(request, function, args,

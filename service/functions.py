@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
+import re
 import time
 import types
 import typing
@@ -123,6 +125,44 @@ def _encodable(value: Any) -> bool:
     return True
 
 
+INTEGER = re.compile(r"-?[0-9]{1,20}")
+NUMBER = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")
+
+
+def _from_query(annotation: Any, value: str | list[str]) -> Any:
+    """A query string as the JSON value it spells for ``annotation``; anything else stays a string
+    (or a list of strings) for strict validation to refuse, naming the parameter."""
+    if annotation is None:  # an unknown parameter: refused as such
+        return value
+    base, _ = _split(annotation)
+    if typing.get_origin(base) in (list, tuple):
+        items = value if isinstance(value, list) else [value]
+        return [_from_query(typing.get_args(base)[0], item) for item in items]
+    if isinstance(value, list):
+        return value  # a scalar given twice
+    kinds = {type(v) for v in typing.get_args(base)} if typing.get_origin(base) is Literal else {base}
+    if kinds & {int, float} and INTEGER.fullmatch(value):
+        return int(value)
+    if kinds & {int, float} and NUMBER.fullmatch(value) and math.isfinite(number := float(value)):
+        return int(number) if int in kinds and number.is_integer() else number  # JSON Schema: 4.0 is an integer
+    if bool in kinds and value in ("true", "false"):
+        return value == "true"
+    return value
+
+
+def _integral(annotation: Any, value: Any) -> Any:
+    """``value`` with floats that are whole numbers (4.0) as ints where ``annotation`` takes ints."""
+    if annotation is None:
+        return value
+    base, _ = _split(annotation)
+    if typing.get_origin(base) in (list, tuple):
+        return [_integral(typing.get_args(base)[0], v) for v in value] if isinstance(value, list) else value
+    kinds = {type(v) for v in typing.get_args(base)} if typing.get_origin(base) is Literal else {base}
+    if int in kinds and type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
 def _hashable(value: Any) -> Any:
     return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -148,16 +188,30 @@ class Function:
         return self.func.__module__
 
     def validate(self, raw: Mapping[str, Any], caps: Mapping[str, float] | None = None) -> Args:
-        """Canonical arguments from untrusted ``raw`` (query strings: "7" is 7); ``InvalidArguments``
+        """Canonical arguments from untrusted ``raw`` (Python values, lax: "7" is 7); ``InvalidArguments``
         otherwise. ``caps`` lowers a parameter's upper bound at run time (a setting such as FIB_MAX_N).
         """
         return self._canonical(lambda: self.model.model_validate(raw), caps)
+
+    def validate_query(self, raw: Mapping[str, str | list[str]], caps: Mapping[str, float] | None = None) -> Args:
+        """The same from query strings, spelled as JSON would spell them: ``7`` (or ``7.0``, an integer
+        to JSON Schema) for an integer, not ``+7``, `` 7``, ``1_0`` or ``٣``; ``0.5`` or ``1e-3`` for a
+        float; ``true`` for a bool; a list parameter's items as repeated keys. Then validated as
+        strictly as a JSON body."""
+        typed = {name: _from_query(self.annotations.get(name), value) for name, value in raw.items()}
+        return self.validate_json(json.dumps(typed).encode(), caps)
 
     def validate_json(self, body: bytes, caps: Mapping[str, float] | None = None) -> Args:
         """The same from an untrusted JSON body, strictly typed: JSON has types, so ``"7"`` or
         ``true`` for an integer is refused rather than converted. Not JSON, or not an object, is a
         problem of the parameter ``(body)``."""
-        return self._canonical(lambda: self.model.model_validate_json(body, strict=True), caps)
+        try:
+            raw = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise InvalidArguments([{"parameter": "(body)", "message": f"not JSON: {exc}"}]) from None
+        if isinstance(raw, dict):  # JSON Schema's integer includes 4.0: so does ours
+            raw = {name: _integral(self.annotations.get(name), value) for name, value in raw.items()}
+        return self._canonical(lambda: self.model.model_validate_json(json.dumps(raw), strict=True), caps)
 
     def _canonical(self, parse: Callable[[], BaseModel], caps: Mapping[str, float] | None) -> Args:
         try:

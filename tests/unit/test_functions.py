@@ -185,9 +185,25 @@ def test_registry_loading_errors_name_the_module(on_path: Path, body: str, messa
 
 def test_json_bodies_are_strictly_typed() -> None:
     assert WORK.validate_json(b'{"n": 7, "ratio": 1, "xs": [1, 2]}') == (7, 1.0, "a", (1, 2))
+    assert WORK.validate_json(b'{"n": 7.0, "ratio": 1, "xs": [1.0]}') == (7, 1.0, "a", (1,))  # JSON Schema's integer
     for body, parameter in [(b'{"n": "7", "ratio": 0.5}', "n"), (b'{"n": true, "ratio": 0.5}', "n"),
+                            (b'{"n": 7.5, "ratio": 0.5}', "n"),
                             (b'{"n": 7, "ratio": "0.5"}', "ratio"), (b"[7]", "(body)"), (b"{", "(body)"),
                             (b"[" * 10_000, "(body)"), (b"\xff", "(body)")]:
         with pytest.raises(InvalidArguments) as caught:
             WORK.validate_json(body)
         assert [p["parameter"] for p in caught.value.problems] == [parameter], body
+
+
+def test_query_strings_are_read_as_json_would_spell_them() -> None:
+    query = {"n": "7", "ratio": "5e-1", "mode": "b", "xs": ["1", "2"]}
+    assert WORK.validate_query(query) == (7, 0.5, "b", (1, 2))
+    assert WORK.validate_query({"n": "7", "ratio": "1", "xs": "3"}) == (7, 1.0, "a", (3,))  # one item
+    assert WORK.validate_query({"n": "7.0", "ratio": "1"})[0] == 7  # an integer to JSON Schema
+    for n in ("+7", "7.5", "1_0", "٣", " 7", "0x7", "true", ["7", "8"]):
+        with pytest.raises(InvalidArguments) as caught:
+            WORK.validate_query({"n": n, "ratio": "0.5"})
+        assert [p["parameter"] for p in caught.value.problems] == ["n"], n
+    for ratio in ("nan", "1e400", "inf", ".5"):
+        with pytest.raises(InvalidArguments, match="ratio"):
+            WORK.validate_query({"n": "7", "ratio": ratio})
