@@ -133,6 +133,11 @@ ROWS: list[Row] = [
         "i",
         lambda s: f"{num(s['long']['p50'])} / {num(s['long']['p99'])}",
     ),
+    (
+        lambda p: f"(j) derive({p.get('derive_iterations', '?')} iterations)/s closed loop, p50 / p99 ms",
+        "j",
+        lambda s: f"{num(s['rate'])}, {num(s['latency']['p50'])} / {num(s['latency']['p99'])}" + _failures(s),
+    ),
 ]
 
 

@@ -21,7 +21,7 @@ import uvloop
 
 from bench import ceiling, machine, plot, report
 from bench.driver import Driver
-from bench.scenarios import FULL, QUICK, SCENARIOS, Context, Plan, warm_up
+from bench.scenarios import COMPUTE_API_ONLY, FULL, QUICK, SCENARIOS, Context, Plan, warm_up
 from bench.server import ServerSpec, running, specs
 
 # CPU share used by others above which the machine is not quiet enough for a fair measurement.
@@ -42,6 +42,8 @@ async def _measure(
         results: dict[str, Any] = {}
         for key, (title, scenario) in SCENARIOS.items():
             if key not in selected or (spec.scenarios is not None and key not in spec.scenarios):
+                continue
+            if key in COMPUTE_API_ONLY and not spec.reads_metrics:
                 continue
             cpu, start = time.process_time(), time.perf_counter()
             try:

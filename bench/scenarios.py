@@ -42,6 +42,8 @@ class Plan:
     band_long_n: int = 30  # ...beside long ones that keep every worker busy with a queue
     band_short_clients: int = 2
     band_seconds: float = 6.0
+    derive_iterations: int = 200_000  # (j) PBKDF2-SHA256 iterations per request (GIL released)
+    derive_seconds: float = 10.0
 
     @property
     def api_max_queue_wait(self) -> float:
@@ -73,6 +75,8 @@ QUICK = Plan(
     band_short_n=18,
     band_long_n=25,
     band_seconds=0.6,
+    derive_iterations=5_000,
+    derive_seconds=0.6,
 )
 
 
@@ -304,6 +308,26 @@ async def bands(ctx: Context) -> dict[str, Any]:
     }
 
 
+async def derive(ctx: Context) -> dict[str, Any]:
+    """(j) a second declared function, derive (PBKDF2 via hashlib, which releases the GIL), closed
+    loop through GET /compute/derive: the path any declared function takes, cost model included."""
+    d, plan = ctx.driver, ctx.plan
+    path = f"/compute/derive?text=bench&salt=salt&iterations={plan.derive_iterations}"
+    start = d.now()
+    samples = await d.closed_loop(path, ctx.fib_clients, plan.derive_seconds)
+    return {
+        "iterations": plan.derive_iterations,
+        "clients": ctx.fib_clients,
+        "seconds": plan.derive_seconds,
+        "rate": _rate(samples, start, plan.derive_seconds),
+        "latency": latency_ms(samples),
+        "failures": _failures(samples),
+    }
+
+
+# Scenarios of compute-api's own features (declared functions): the baselines only serve fib.
+COMPUTE_API_ONLY = frozenset("j")
+
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "a": ("/fast x1 and x100 concurrent", fast_alone),
     "b": ("fib(28) x20 concurrent, distinct work", fib_burst),
@@ -316,4 +340,5 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     # minutes that would land on whatever is measured after it.
     "i": ("short fib jobs beside long ones: latency per n band", bands),
     "h": ("offered load at 10x capacity", overload),
+    "j": ("derive (PBKDF2, a declared function) closed loop", derive),
 }

@@ -19,6 +19,20 @@ def add_arguments(parser: Any) -> None:
                      help="Relative number of FastUsers (GET /fast); 0 disables them. Default 1.")
     mix.add_argument("--fib-weight", type=int, default=1, env_var="LOCUST_FIB_WEIGHT",
                      help="Relative number of FibUsers (GET /fib/{n}); 0 disables them. Default 1.")
+    mix.add_argument("--compute-weight", type=int, default=0, env_var="LOCUST_COMPUTE_WEIGHT",
+                     help="Relative number of ComputeUsers (GET and POST /compute/{name}, the declared "
+                          "functions); 0 (default) disables them.")
+    mix.add_argument("--functions", default="", env_var="LOCUST_FUNCTIONS",
+                     help="Which declared functions ComputeUsers call, with weights: derive:3,fib. "
+                          "Empty (default): every declared one, equally.")
+    mix.add_argument("--compute-tasks", default="", env_var="COMPUTE_TASKS",
+                     help="Your own compute modules (the server's COMPUTE_TASKS), imported here to "
+                          "check each answer against the same function.")
+    mix.add_argument("--compute-method", default="both", choices=("get", "post", "both"),
+                     env_var="LOCUST_COMPUTE_METHOD",
+                     help="GET with query parameters, POST with a JSON body, or both at random. Default both.")
+    mix.add_argument("--compute-wait", default="0.5..1.5", env_var="LOCUST_COMPUTE_WAIT",
+                     help="ComputeUser think time in seconds: 1 or 0.5..1.5. Default 0.5..1.5.")
     mix.add_argument("--fib-n", default="20..25", env_var="LOCUST_FIB_N",
                      help="n for /fib: fixed (25), uniform range (20..30) or weighted list (20:3,25:1). "
                           "Default 20..25.")

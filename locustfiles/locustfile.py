@@ -8,15 +8,25 @@ The traffic mix, n distribution, think times, load shape and SLO thresholds are 
 defined in arguments.py (Locust 2.47's --help does not list a locustfile's own options), settable
 on the command line, in locust.conf, as LOCUST_* variables or in the web UI. ``--tags fast`` / ``--tags fib``
 send only one kind of traffic. The run exits non-zero when the SLO gate fails.
+
+``--compute-weight N`` adds ComputeUsers calling the declared functions (``/compute/{name}``,
+``--functions``, ``--tags compute``), your own among them with ``--compute-tasks`` (COMPUTE_TASKS).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import sys
+from pathlib import Path
 from typing import Any
 
+# The compute functions are checked against the service's own code: run from a checkout (or an
+# image) where ``service`` sits next to locustfiles/.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
 from arguments import add_arguments
+from compute import parse_functions
 from load_shapes import shape_tick
 from locust import LoadTestShape, events, tag, task
 from locust.contrib.fasthttp import FastHttpUser
@@ -67,8 +77,11 @@ class ComputeApiUser(FastHttpUser):
         wait, self.retry_after = max(think, self.retry_after), 0.0
         return wait
 
-    def get_json(self, path: str, name: str, expected: dict[str, Any]) -> None:
-        with self.client.get(path, name=name, catch_response=True) as response:
+    def get_json(self, path: str, name: str, expected: dict[str, Any], body: Any = None) -> None:
+        """GET ``path`` (or POST ``body`` as JSON when given) and check the answer is ``expected``."""
+        request = self.client.get(path, name=name, catch_response=True) if body is None else \
+            self.client.post(path, name=name, json=body, catch_response=True)
+        with request as response:
             problem = response_problem(response, expected)
             if response.status_code == 503:
                 try:
@@ -102,6 +115,24 @@ class FibUser(ComputeApiUser):
         self.get_json(f"/fib/{n}", FIB_NAME, {"n": n, "value": KNOWN_FIB_VALUES[n]})
 
 
+class ComputeUser(ComputeApiUser):
+    """The declared compute functions, by GET or POST, each answer checked against the same function."""
+
+    traffic_tag = "compute"
+    wait_option = "compute_wait"
+
+    @tag("compute")
+    @task
+    def compute(self) -> None:
+        options = self.environment.parsed_options
+        call = parse_functions(options.functions, options.compute_tasks).sample()
+        method = options.compute_method if options.compute_method != "both" else random.choice(("get", "post"))
+        if method == "get":
+            self.get_json(call.query(), call.path, dict(call.expected))
+        else:
+            self.get_json(call.path, call.path, dict(call.expected), body=dict(call.arguments))
+
+
 class NamedShape(LoadTestShape):
     """The one shape class: the shape named by ``--shape`` (see load_shapes.py).
 
@@ -117,7 +148,7 @@ class NamedShape(LoadTestShape):
         return shape_tick(options.shape or "steady", self.get_run_time(), options)
 
 
-USER_CLASSES: tuple[type[ComputeApiUser], ...] = (FastUser, FibUser)
+USER_CLASSES: tuple[type[ComputeApiUser], ...] = (FastUser, FibUser, ComputeUser)
 
 
 @events.init_command_line_parser.add_listener
@@ -131,7 +162,7 @@ def _active_user_classes(options: Any) -> list[type[ComputeApiUser]]:
     Dropping them here (rather than leaving a user with no tasks, which Locust reports as an
     exception on every iteration) is what makes ``--tags fast`` a clean fast-only run.
     """
-    weights = {FastUser: options.fast_weight, FibUser: options.fib_weight}
+    weights = {FastUser: options.fast_weight, FibUser: options.fib_weight, ComputeUser: options.compute_weight}
     tags, excluded = set(options.tags or ()), set(options.exclude_tags or ())
     active = []
     for user_class in USER_CLASSES:
@@ -147,6 +178,9 @@ def _describe(options: Any, active: list[type[ComputeApiUser]]) -> str:
     for user_class in active:
         wait = getattr(options, user_class.wait_option)
         extra = f", {parse_n_distribution(options.fib_n).describe()}" if user_class is FibUser else ""
+        if user_class is ComputeUser:
+            plan = parse_functions(options.functions, options.compute_tasks)
+            extra = f", functions {plan.describe()}, {options.compute_method}"
         users.append(f"{user_class.__name__} (weight {user_class.weight}, wait {wait} s{extra})")
     return f"{'; '.join(users)}; shape: {options.shape or 'none'}; SLO: {Thresholds.from_options(options).describe()}"
 
@@ -165,12 +199,15 @@ def _configure(environment: Environment, runner: Any, **_: Any) -> None:
         parse_n_distribution(options.fib_n)
         parse_wait_range(options.fast_wait)
         parse_wait_range(options.fib_wait)
+        parse_wait_range(options.compute_wait)
+        if options.compute_weight > 0:
+            parse_functions(options.functions, options.compute_tasks)
     except SpecError as error:
         logger.error("invalid workload option: %s", error)
         sys.exit(1)
     active = _active_user_classes(options)
     if not active:
-        logger.error("no users left to run: check --fast-weight/--fib-weight and --tags/--exclude-tags")
+        logger.error("no users left to run: check the --*-weight options and --tags/--exclude-tags")
         sys.exit(1)
     environment.user_classes[:] = active
     if not options.shape:
@@ -183,8 +220,8 @@ def _log_worker_options(environment: Environment, **_: Any) -> None:
     # Workers get the scenario options from the master's spawn message: show what arrived.
     if isinstance(environment.runner, WorkerRunner):
         options = environment.parsed_options
-        logger.info("options from master: fib-n=%s fast-wait=%s fib-wait=%s",
-                    options.fib_n, options.fast_wait, options.fib_wait)
+        logger.info("options from master: fib-n=%s fast-wait=%s fib-wait=%s functions=%s",
+                    options.fib_n, options.fast_wait, options.fib_wait, options.functions)
 
 
 _verdict: Verdict | None = None

@@ -71,6 +71,21 @@ def _int(text: str, spec: str) -> int:
         raise SpecError(f"{spec!r}: {text.strip()!r} is not an integer") from None
 
 
+def weighted_items(spec: str) -> list[tuple[str, float]]:
+    """``"a:3, b"`` -> ``[("a", 3.0), ("b", 1.0)]``: a missing weight means 1, weights are positive."""
+    items = []
+    for item in spec.split(","):
+        value_text, _, weight_text = item.partition(":")
+        try:
+            weight = float(weight_text) if weight_text.strip() else 1.0
+        except ValueError:
+            raise SpecError(f"{spec!r}: weight {weight_text.strip()!r} is not a number") from None
+        if weight <= 0:
+            raise SpecError(f"{spec!r}: weights must be positive")
+        items.append((value_text.strip(), weight))
+    return items
+
+
 @lru_cache(maxsize=32)
 def parse_n_distribution(spec: str) -> NDistribution:
     """Parse a --fib-n spec; only n with a known expected value are accepted (no accidental 422s)."""
@@ -84,16 +99,7 @@ def parse_n_distribution(spec: str) -> NDistribution:
             raise SpecError(f"{spec!r}: range start {low} is above its end {high}")
         values, weights = tuple(range(low, high + 1)), (1.0,) * (high - low + 1)
     else:
-        pairs = []
-        for item in spec.split(","):
-            value_text, _, weight_text = item.partition(":")
-            try:
-                weight = float(weight_text) if weight_text.strip() else 1.0
-            except ValueError:
-                raise SpecError(f"{spec!r}: weight {weight_text.strip()!r} is not a number") from None
-            if weight <= 0:
-                raise SpecError(f"{spec!r}: weights must be positive")
-            pairs.append((_int(value_text, spec), weight))
+        pairs = [(_int(value_text, spec), weight) for value_text, weight in weighted_items(spec)]
         values, weights = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
     limit = len(KNOWN_FIB_VALUES) - 1
     out_of_table = [v for v in values if not 0 <= v <= limit]

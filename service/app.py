@@ -17,16 +17,21 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from service import __version__
-from service.backend import Abandoned, Backend, ComputeFailed, ComputeTimeout, Unavailable
+from service.backend import Abandoned, Backend, ComputeFailed, ComputeTimeout, Unavailable, task_label
 from service.config import Settings
+from service.functions import Function, InvalidArguments, Registry
 from service.metrics import Metrics, MetricsMiddleware
-from service.tasks import Task
+from service.openapi import function_paths
 
 logger = logging.getLogger("compute_api.app")
 
 # Longest accepted spelling of n: FIB_MAX_N is at most 90, and "0000000035" is still 35. Anything
 # longer is rejected before int() ever sees it (no quadratic parsing of a 100 kB path).
 MAX_N_DIGITS = 10
+
+# Largest POST /compute/{name} body: declared parameters are bounded, so a valid body is small; a
+# larger one is refused (413) before it is read into memory, let alone parsed.
+MAX_BODY_BYTES = 64 * 1024
 
 # nginx's convention for "the client went away before we answered"; only ever seen in metrics.
 CLIENT_CLOSED_REQUEST = 499
@@ -86,6 +91,8 @@ async def index(request: Request) -> JSONResponse:
             "endpoints": {
                 "/fast": "answers at once, no computation",
                 "/fib/{n}": f"naive recursive Fibonacci on the Dask cluster, 0 <= n <= {max_n}",
+                "/compute/{name}": "a declared compute function: GET with query parameters, POST with a JSON "
+                f"body ({', '.join(sorted(request.app.state.registry))}; see /openapi.json)",
                 "/healthz": "liveness: the process and its event loop are alive",
                 "/readyz": "readiness: able to compute (a scheduler with workers, or scale from zero)",
                 "/metrics": "Prometheus metrics",
@@ -131,20 +138,93 @@ async def fib(request: Request) -> Response:
     try:
         n = parse_n(request.path_params["n"], settings.fib_max_n)
     except ValueError as exc:
-        return error(422, "invalid_n", str(exc))
+        return answered(request, "fib", error(422, "invalid_n", str(exc)))
+    return await run(request, request.app.state.registry["fib"], (n,), lambda value: {"n": n, "value": value})
+
+
+def caps(settings: Settings, function: Function) -> dict[str, float]:
+    """Settings that lower a declared bound at run time (FIB_MAX_N: /compute/fib as /fib/{n})."""
+    return {"n": settings.fib_max_n} if function.name == "fib" and function.module == "service.tasks" else {}
+
+
+def answered(request: Request, function: str, response: Response) -> Response:
+    request.app.state.metrics.answered(function, response.status_code)
+    return response
+
+
+async def run(request: Request, function: Function, args: tuple[Any, ...], body: Any) -> Response:
+    """Compute a declared function's validated arguments and answer ``body(value)`` or the error."""
     backend: Backend = request.app.state.backend
     try:
-        value = await backend.compute("fib", n, disconnected=lambda: _client_gone(request))
+        value = await backend.compute(function.name, args, disconnected=lambda: _client_gone(request))
     except Unavailable as exc:
-        return error(503, "unavailable", exc.detail, headers={"Retry-After": str(exc.retry_after)})
+        response = error(503, "unavailable", exc.detail, headers={"Retry-After": str(exc.retry_after)})
     except ComputeTimeout as exc:
-        return error(504, "timeout", str(exc))
+        response = error(504, "timeout", str(exc))
     except ComputeFailed as exc:
-        logger.warning("fib(%d) failed: %s", n, exc)
-        return error(500, "compute_failed", str(exc))
+        # Arguments may be secrets (derive's text): the log names them by digest only.
+        logger.warning("%s(%s) failed: %s", function.name, task_label(args), exc)
+        response = error(500, "compute_failed", str(exc))
     except Abandoned:
-        return error(CLIENT_CLOSED_REQUEST, "client_closed_request", "the client disconnected")
-    return JSONResponse({"n": n, "value": value})
+        response = error(CLIENT_CLOSED_REQUEST, "client_closed_request", "the client disconnected")
+    else:
+        try:
+            response = JSONResponse(body(value))
+        except (TypeError, ValueError) as exc:  # the function returned something JSON cannot carry
+            response = error(500, "compute_failed", f"{type(exc).__name__}: {exc}")
+    return answered(request, function.name, response)
+
+
+def invalid(exc: InvalidArguments) -> JSONResponse:
+    return JSONResponse({"error": "invalid_argument", "detail": str(exc), "parameters": exc.problems},
+                        status_code=422)
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The request body, or None when it exceeds MAX_BODY_BYTES (read no further than that)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def query_arguments(request: Request, function: Function) -> dict[str, Any]:
+    """Query parameters as the declaration expects them: repeated keys (``xs=1&xs=2``) make a list
+    parameter's items; a scalar given twice is passed as a list so that it fails validation."""
+    raw: dict[str, Any] = {}
+    for key in request.query_params:
+        values = request.query_params.getlist(key)
+        raw[key] = values if function.is_list(key) or len(values) > 1 else values[0]
+    return raw
+
+
+async def compute(request: Request) -> Response:
+    """A declared compute function: GET with query parameters, POST with a JSON object."""
+    registry: Registry = request.app.state.registry
+    name = request.path_params["name"]
+    function = registry.get(name)
+    if function is None:
+        known = ", ".join(sorted(registry))
+        return error(404, "unknown_function", f"no compute function {name[:100]!r}; declared: {known}")
+    caps_now = caps(request.app.state.settings, function)
+    try:
+        if request.method == "POST":
+            body = await _read_body(request)
+            if body is None:
+                return answered(request, name, error(413, "body_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes"))
+            args = function.validate_json(body, caps_now)
+        else:
+            args = function.validate_query(query_arguments(request, function), caps_now)
+    except InvalidArguments as exc:
+        return answered(request, name, invalid(exc))
+    return await run(request, function, args,
+                     lambda value: {"function": name, "arguments": function.kwargs(args), "value": value})
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -197,7 +277,7 @@ async def metrics(request: Request) -> Response:
 
 
 schemas = SchemaGenerator(
-    {"openapi": "3.0.3", "info": {"title": "compute-api", "version": __version__}}
+    {"openapi": "3.1.0", "info": {"title": "compute-api", "version": __version__}}
 )
 
 
@@ -212,6 +292,9 @@ async def openapi(request: Request) -> Response:
     for parameter in schema["paths"]["/fib/{n}"]["get"]["parameters"]:
         if parameter["name"] == "n":
             parameter["schema"]["maximum"] = request.app.state.settings.fib_max_n
+    settings: Settings = request.app.state.settings
+    for function in request.app.state.registry.values():
+        schema["paths"].update(function_paths(function, caps(settings, function)))
     return JSONResponse(schema)
 
 
@@ -221,14 +304,17 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
-def create_app(settings: Settings | None = None, registry: Mapping[str, Task] | None = None) -> Starlette:
-    """The app. ``registry`` replaces ``service.tasks.REGISTRY`` (tests only: /fib/{n} runs its "fib")."""
+def create_app(settings: Settings | None = None, registry: Mapping[str, Function] | None = None) -> Starlette:
+    """The app. ``registry`` replaces the declared functions (tests only: /fib/{n} runs its "fib");
+    by default the built-ins and COMPUTE_TASKS's (``RegistryError`` names a module that fails)."""
     settings = settings or Settings.from_environ()
+    functions = Registry.load(settings.compute_tasks) if registry is None else registry
     metrics_registry = Metrics()
+    metrics_registry.declare_functions(list(functions))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        backend = Backend(settings, metrics_registry, registry)
+        backend = Backend(settings, metrics_registry, functions)
         app.state.backend = backend
         await backend.start()
         try:
@@ -243,6 +329,8 @@ def create_app(settings: Settings | None = None, registry: Mapping[str, Task] | 
             # `anything` so that an empty n, or one with slashes or newlines, reaches the validator
             # (422, not 404).
             Route("/fib/{n:anything}", fib, methods=["GET"]),
+            # One route for every declared function; /openapi.json documents each by its own path.
+            Route("/compute/{name}", compute, methods=["GET", "POST"], include_in_schema=False),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
@@ -253,5 +341,6 @@ def create_app(settings: Settings | None = None, registry: Mapping[str, Task] | 
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.registry = functions
     app.state.metrics = metrics_registry
     return app

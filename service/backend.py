@@ -31,6 +31,7 @@ disconnect.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -42,7 +43,7 @@ import dask.config
 import yaml
 from distributed import Client
 
-from service import tasks
+from service import functions, tasks
 from service.batching import Batch, Batcher, BatchLimits
 from service.cells import Cell, failover, place
 from service.config import Settings
@@ -64,7 +65,7 @@ dask.config.update_defaults(yaml.safe_load(resources.files("service").joinpath("
 class _Member:
     """A computation waiting in a batch, and where its own outcome arrives."""
 
-    arg: Any
+    arg: functions.Args
     computation: Computation
     outcome: asyncio.Future[tuple[Any, float]]
     run: asyncio.Future[None] | None = None  # its batch's run, once sent
@@ -91,13 +92,23 @@ def limits(settings: Settings) -> Limits:
     )
 
 
+def task_label(arg: functions.Args) -> str:
+    """The readable middle of a Dask key: small integer arguments as they are ("fib-25-<uuid>"),
+    anything else (user text) as a short digest, so keys stay short and free of odd characters."""
+    if all(type(a) is int for a in arg) and len(arg) <= 4:
+        return "-".join(map(str, arg))
+    return hashlib.blake2b(repr(arg).encode(), digest_size=8).hexdigest()
+
+
 class Backend:
-    def __init__(self, settings: Settings, metrics: Metrics, registry: Mapping[str, tasks.Task] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, registry: Mapping[str, functions.Function] | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        # Only these functions can ever be submitted. Tests inject their own (e.g. a task that
-        # kills its worker); production always uses tasks.REGISTRY.
-        self.registry: Mapping[str, tasks.Task] = tasks.REGISTRY if registry is None else registry
+        # Only these functions can ever be submitted: the built-ins and COMPUTE_TASKS's (the app
+        # loads them), or a test's own (e.g. a task that kills its worker).
+        self.registry: Mapping[str, functions.Function] = tasks.REGISTRY if registry is None else registry
         self.costs: dict[str, CostModel] = {}
         addresses = settings.cell_addresses
         workers = max(1, settings.workers // len(addresses))  # embedded: the cores, shared by the cells
@@ -139,7 +150,8 @@ class Backend:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.costs = {name: CostModel(task.relative_cost, task.calibrate()) for name, task in self.registry.items()}
+        self.costs = {name: CostModel(task.relative_cost, self._calibrate(task))
+                      for name, task in self.registry.items()}
         if self.embedded:
             await asyncio.gather(*(cluster.start() for cluster in self.embedded))
             for cell, connection, cluster in zip(self.cells, self.connections, self.embedded, strict=True):
@@ -157,6 +169,15 @@ class Backend:
                     logger.warning("scheduler %s unreachable at start-up: %r", connection.address, exc)
         for connection in self.connections:
             connection.supervise()
+
+    @staticmethod
+    def _calibrate(task: functions.Function) -> float:
+        try:
+            return task.calibrate()
+        except Exception as exc:  # a user's function that fails on its own calibration arguments
+            raise functions.RegistryError(
+                f"compute function {task.name!r} ({task.module}) raised while calibrating on "
+                f"{dict(task.calibration)!r}: {type(exc).__name__}: {exc}") from None
 
     async def close(self) -> None:
         for cell in self.cells:
@@ -187,9 +208,9 @@ class Backend:
     # -- compute -----------------------------------------------------------------------------
 
     async def compute(
-        self, name: str, arg: Any, disconnected: Callable[[], Awaitable[Any]] | None = None
+        self, name: str, arg: functions.Args, disconnected: Callable[[], Awaitable[Any]] | None = None
     ) -> Any:
-        """``name(arg)`` for a registered task and a validated argument.
+        """``name(*arg)`` for a declared function and arguments its ``validate`` returned.
 
         ``disconnected`` returns when the client has gone away: a request nobody waits for any
         more must release its computation instead of occupying a worker.
@@ -200,7 +221,9 @@ class Backend:
             self.metrics.rejected.labels(exc.reason).inc()
             raise
 
-    async def _compute(self, name: str, arg: Any, disconnected: Callable[[], Awaitable[Any]] | None) -> Any:
+    async def _compute(
+        self, name: str, arg: functions.Args, disconnected: Callable[[], Awaitable[Any]] | None
+    ) -> Any:
         task = self.registry[name]  # KeyError: only registered functions can ever be submitted
         cost = self.costs[name]
         key = (name, arg)
@@ -215,14 +238,17 @@ class Backend:
         match decision:
             case Inline():
                 # Cheaper than the round trip to a worker: the event loop barely notices it.
-                self.metrics.computations.labels("inline").inc()
-                return task.func(arg)
+                self.metrics.computed(name, "inline")
+                try:
+                    return task.call(arg)
+                except Exception as exc:  # as a worker's failure is reported: type and message
+                    raise ComputeFailed(f"{type(exc).__name__}: {exc}") from exc
             case Reject(reason, detail, retry_after):
                 raise Unavailable(reason, detail, retry_after)
             case Admit(computation):
                 self._cell_of[computation] = index
                 computation.handle = asyncio.ensure_future(self._run(task, arg, computation))
-                self.metrics.computations.labels("dask").inc()
+                self.metrics.computed(name, "cluster")
             case Join(computation):
                 self.metrics.coalesced.inc()
         return await self._wait(computation, disconnected)
@@ -232,7 +258,7 @@ class Backend:
         for cell, connection in zip(self.cells, self.connections, strict=True):
             cell.capacity = connection.capacity()
 
-    async def _run(self, task: tasks.Task, arg: Any, computation: Computation) -> Any:
+    async def _run(self, task: functions.Function, arg: functions.Args, computation: Computation) -> Any:
         """Carry out one admitted computation (one asyncio task per computation): on its cell, or,
         when that cell loses its scheduler, on the next cell that can serve."""
         tried: set[int] = set()
@@ -260,7 +286,9 @@ class Backend:
 
     # -- Dask tasks: one per computation, or one per batch (service.batching) -----------------
 
-    async def _execute(self, index: int, task: tasks.Task, arg: Any, computation: Computation) -> tuple[Any, float]:
+    async def _execute(
+        self, index: int, task: functions.Function, arg: functions.Args, computation: Computation
+    ) -> tuple[Any, float]:
         """``(value, worker seconds)`` of one computation on cell ``index``, in a task of its own or
         in a batch with other cheap ones while every worker thread of the cell is busy."""
         batcher = self._batcher(index, task)
@@ -279,7 +307,7 @@ class Backend:
                 member.run.cancel()
             raise
 
-    def _batcher(self, index: int, task: tasks.Task) -> Batcher[_Member]:
+    def _batcher(self, index: int, task: functions.Function) -> Batcher[_Member]:
         # One per cell and function: a batch is one function over several arguments.
         batcher = self._batchers.get((index, task.name))
         if batcher is None:
@@ -295,15 +323,18 @@ class Backend:
         self.metrics.dask_tasks.inc()
         return future
 
-    async def _single(self, index: int, task: tasks.Task, arg: Any, computation: Computation) -> tuple[Any, float]:
-        key = f"{task.name}-{arg}-{uuid.uuid4().hex}"
-        future = self._submit(index, tasks.timed, task.func, arg, key=key, priority=computation.priority)
+    async def _single(
+        self, index: int, task: functions.Function, arg: functions.Args, computation: Computation
+    ) -> tuple[Any, float]:
+        key = f"{task.name}-{task_label(arg)}-{uuid.uuid4().hex}"
+        # The function travels by reference (module and name): workers import it.
+        future = self._submit(index, functions.timed, task.func, *arg, key=key, priority=computation.priority)
         try:
             return await self.connections[index].result(future)
         finally:
             self._task_done(index)
 
-    def _send(self, index: int, task: tasks.Task, batches: list[Batch[_Member]]) -> None:
+    def _send(self, index: int, task: functions.Function, batches: list[Batch[_Member]]) -> None:
         for batch in batches:
             if not batch.members:
                 continue
@@ -313,13 +344,13 @@ class Backend:
             for member in batch.members:
                 member.run, member.mates = run, batch.members
 
-    async def _run_batch(self, index: int, task: tasks.Task, members: list[_Member]) -> None:
+    async def _run_batch(self, index: int, task: functions.Function, members: list[_Member]) -> None:
         """One Dask task for several computations; each member gets its own outcome."""
         self.metrics.batch_size.observe(len(members))
         key = f"{task.name}-batch-{uuid.uuid4().hex}"
         priority = max(member.computation.priority for member in members)  # its cheapest member's
         try:
-            future = self._submit(index, tasks.timed_batch, task.func, [m.arg for m in members], key=key,
+            future = self._submit(index, functions.timed_batch, task.func, [m.arg for m in members], key=key,
                                   priority=priority)
         except Unavailable as exc:
             _settle(members, exc)
@@ -346,13 +377,13 @@ class Backend:
             if cell == index and (batch := batcher.freed(threads, self._tasks[index])) is not None:
                 self._send(index, self.registry[name], [batch])
 
-    def _arm_linger(self, index: int, task: tasks.Task) -> None:
+    def _arm_linger(self, index: int, task: functions.Function) -> None:
         deadline = self._batcher(index, task).deadline()
         if deadline is not None and (index, task.name) not in self._lingers:
             loop = asyncio.get_running_loop()
             self._lingers[(index, task.name)] = loop.call_at(deadline, self._linger_over, index, task)
 
-    def _linger_over(self, index: int, task: tasks.Task) -> None:
+    def _linger_over(self, index: int, task: functions.Function) -> None:
         del self._lingers[(index, task.name)]
         batch = self._batcher(index, task).due(asyncio.get_running_loop().time())
         if batch is not None:

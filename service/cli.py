@@ -12,6 +12,7 @@ import uvicorn
 from service import __version__
 from service.app import create_app
 from service.config import Settings
+from service.functions import RegistryError
 
 # Flags spelled differently from their setting (uvicorn's and Dask's own spellings).
 FLAG_NAMES = {"embedded_workers": "--workers", "graceful_shutdown_timeout": "--timeout-graceful-shutdown"}
@@ -76,4 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, TypeError) as exc:
         sys.exit(f"compute-api: {exc}")
     if command == "serve":
-        serve(settings)
+        try:
+            serve(settings)
+        except RegistryError as exc:  # COMPUTE_TASKS names a module that cannot be served
+            sys.exit(f"compute-api: {exc}")

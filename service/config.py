@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     worker_nice: int = Field(
         10, ge=0, le=19, description="OS niceness of embedded workers, so the API keeps a core (0 = same as the API)"
     )
+    compute_tasks: str = Field(
+        "",
+        description="your own compute functions: comma-separated Python modules (e.g. `mypackage.tasks`) "
+        "importable by the API and the workers, whose `@declare`d functions are served at "
+        "`/compute/{name}` beside the built-ins (`fib`, `derive`)",
+    )
     fib_max_n: int = Field(35, ge=0, le=90, description="largest `n` accepted by `/fib/{n}`")
     request_timeout: float = Field(30.0, gt=0, description="seconds a request waits for its result before 504")
     connect_timeout: float = Field(2.0, gt=0, description="seconds for one attempt to reach the scheduler")

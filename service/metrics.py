@@ -28,6 +28,9 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 # Where a computation ran: in the API's event loop (cheaper than a round trip) or on the cluster.
 WHERE = ("inline", "dask")
 
+# The same, in the per-function counter (named for what it is, not for the library behind it).
+FUNCTION_WHERE = {"inline": "inline", "cluster": "dask"}
+
 # Label for requests that matched no route: keeps label cardinality bounded under scanning.
 UNMATCHED = "<unmatched>"
 
@@ -123,11 +126,38 @@ class Metrics:
             "compute_api_cell_scheduler_connected", "1 when connected to the cell's scheduler.", cell,
             registry=self.registry,
         )
+        self.function_requests = Counter(
+            "compute_api_function_requests",
+            "Requests for a declared compute function (any route), by function and HTTP status.",
+            ("function", "status"),
+            registry=self.registry,
+        )
+        self.function_computations = Counter(
+            "compute_api_function_computations",
+            "Computations started, by declared function and where they ran (inline or cluster).",
+            ("function", "where"),
+            registry=self.registry,
+        )
         # Labelled series exist from the first scrape, at 0 (absent is not zero to PromQL).
         for where in WHERE:
             self.computations.labels(where)
         for reason in REASONS:
             self.rejected.labels(reason)
+
+    def declare_functions(self, names: Sequence[str]) -> None:
+        """Every declared function's computation series, at 0 from the first scrape. (Only declared
+        names ever become labels: an unknown /compute/{name} is not counted by function.)"""
+        for name in names:
+            for where in FUNCTION_WHERE:
+                self.function_computations.labels(name, where)
+
+    def computed(self, function: str, where: str) -> None:
+        """A computation started ``where`` ("inline" or "cluster")."""
+        self.function_computations.labels(function, where).inc()
+        self.computations.labels(FUNCTION_WHERE[where]).inc()
+
+    def answered(self, function: str, status: int) -> None:
+        self.function_requests.labels(function, str(status)).inc()
 
     def bind(self, cells: Sequence[CellReadings]) -> None:
         """Read live values from the backend at scrape time instead of tracking them twice: per

@@ -6,12 +6,16 @@ through ``create_app(registry={"fib": FAILING})``: production's registry never h
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from distributed import get_worker
+from pydantic import Field
 
-from service.tasks import PHI, Task, fib
+from service.functions import build
+from service.tasks import PHI, fib
 
 
-def fib_or_fail(n: int) -> int:
+def fib_or_fail(n: Annotated[int, Field(ge=0, le=90)]) -> int:
     """On a Dask worker: fib(n) for even n, ValueError for odd n. Anywhere else (calibration): fib(n)."""
     try:
         get_worker()
@@ -22,4 +26,4 @@ def fib_or_fail(n: int) -> int:
     return fib(n)
 
 
-FAILING = Task(name="fib", func=fib_or_fail, relative_cost=lambda n: PHI**n, calibration_arg=20)
+FAILING = build(fib_or_fail, name="fib", cost=lambda n: PHI**n, calibration={"n": 20})

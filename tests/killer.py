@@ -7,13 +7,16 @@ over HTTP only through ``create_app(registry={"fib": KILLER})``: production's re
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 from distributed import get_worker
+from pydantic import Field
 
-from service.tasks import PHI, Task, fib
+from service.functions import build
+from service.tasks import PHI, fib
 
 
-def fib_or_die(n: int) -> int:
+def fib_or_die(n: Annotated[int, Field(ge=0, le=90)]) -> int:
     """On a Dask worker: hard-exit the worker process. Anywhere else: fib(n)."""
     try:
         get_worker()
@@ -23,4 +26,4 @@ def fib_or_die(n: int) -> int:
     os._exit(1)  # like a segfault or the OOM killer: no exception, no clean shutdown
 
 
-KILLER = Task(name="fib", func=fib_or_die, relative_cost=lambda n: PHI**n, calibration_arg=20)
+KILLER = build(fib_or_die, name="fib", cost=lambda n: PHI**n, calibration={"n": 20})

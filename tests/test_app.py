@@ -84,6 +84,33 @@ def test_unknown_route_and_method_are_json_errors(client: TestClient) -> None:
 def test_openapi_documents_every_route(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert schema["openapi"].startswith("3.")
-    assert set(schema["paths"]) == {"/", "/fast", "/fib/{n}", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+    assert schema["openapi"] == "3.1.0"
+    assert set(schema["paths"]) == {"/", "/fast", "/fib/{n}", "/healthz", "/readyz", "/metrics", "/openapi.json",
+                                    "/compute/fib", "/compute/derive"}
+    # a declared function's bound lowered by a setting is documented as it is enforced
+    assert schema["paths"]["/compute/fib"]["get"]["parameters"][0]["schema"]["maximum"] == 30
     fib = schema["paths"]["/fib/{n}"]["get"]
     assert {"200", "422", "503", "504"} <= set(fib["responses"])
+
+
+def test_compute_routes_serve_validate_and_count(client: TestClient) -> None:
+    assert client.get("/compute/fib?n=20").json() == {"function": "fib", "arguments": {"n": 20}, "value": 6765}
+    assert client.post("/compute/fib", json={"n": 20}).json()["value"] == 6765
+    r = client.get("/compute/fib?n=31")  # FIB_MAX_N applies to /compute/fib as to /fib/{n}
+    assert (r.status_code, r.json()["error"], r.json()["parameters"][0]["parameter"]) == (422, "invalid_argument", "n")
+    for bad in (b"[1]", b"{", "{\"n\": \"\u0663\"}".encode(), b"[" * 60000, b"\xff",
+                b'{"n": 1' + b"0" * 5000 + b"}"):
+        r = client.post("/compute/fib", content=bad)
+        assert (r.status_code, r.json()["error"]) == (422, "invalid_argument"), (bad, r.text)
+    r = client.post("/compute/derive", content=b'{"text": "\\ud800", "salt": "s", "iterations": 1}')
+    assert (r.status_code, r.json()["error"]) == (422, "invalid_argument"), r.text
+    r = client.post("/compute/fib", json={"n": "20"})  # JSON has types: a string is not an integer
+    assert (r.status_code, r.json()["parameters"][0]["parameter"]) == (422, "n"), r.text
+    r = client.post("/compute/fib", content=b" " * (64 * 1024 + 1))
+    assert (r.status_code, r.json()["error"]) == (413, "body_too_large")
+    r = client.get("/compute/nope")
+    assert (r.status_code, r.json()["error"]) == (404, "unknown_function") and "fib" in r.json()["detail"]
+    assert client.put("/compute/fib").status_code == 405
+    metrics = client.get("/metrics").text
+    assert 'compute_api_function_requests_total{function="fib",status="422"}' in metrics
+    assert 'compute_api_function_computations_total{function="derive",where="cluster"} 0.0' in metrics

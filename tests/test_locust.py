@@ -26,6 +26,7 @@ LOCUST_CONF = LOCUSTFILES / "locust.conf"
 # here: importing locust itself would monkey-patch this pytest process with gevent.
 sys.path.insert(0, str(LOCUSTFILES))
 
+from compute import parse_functions  # noqa: E402
 from load_shapes import DEFAULT_DURATION_S, PLANS, shape_tick  # noqa: E402
 from slo_gate import FAST_NAME, FIB_NAME  # noqa: E402
 from workload import KNOWN_FIB_VALUES, SpecError, parse_n_distribution, parse_wait_range  # noqa: E402
@@ -56,6 +57,22 @@ def test_n_specs() -> None:
     for bad in ("", "x", "30..20", "20:0", "20:-1", "-1", "41", "0..99"):
         with pytest.raises(SpecError):
             parse_n_distribution(bad)
+
+
+def test_function_specs_and_calls_checked_against_the_same_function() -> None:
+    every = parse_functions("")
+    assert {f.name for f in every.functions} == {"fib", "derive"}
+    plan = parse_functions("derive:3, fib")
+    assert [f.name for f in plan.functions] == ["derive", "fib"] and plan.weights == (3.0, 1.0)
+    call = parse_functions("fib").sample()
+    n = call.arguments["n"]
+    assert call.path == "/compute/fib" and call.query() == f"/compute/fib?n={n}"
+    assert call.expected == {"function": "fib", "arguments": {"n": n}, "value": KNOWN_FIB_VALUES[n]}
+    for bad in ("nope", "fib:0", "fib:x"):
+        with pytest.raises(SpecError):
+            parse_functions(bad)
+    with pytest.raises(SpecError, match="cannot import 'no_such_module'"):
+        parse_functions("", "no_such_module")
 
 
 def test_wait_specs() -> None:

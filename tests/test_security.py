@@ -11,8 +11,10 @@ import re
 import socket
 import ssl
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -26,19 +28,25 @@ from distributed import Client, Security
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from recorder import SubmissionRecorder, recorded
+from sizing import fib_value
 from starlette.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
+from service.tasks import REGISTRY
 
 MAX_N = 25
-KEY = re.compile(r"^fib-(\d+)-[0-9a-f]{32}$")
+BURST = 16
+KEY = re.compile(r"^(fib|derive)-(batch|[0-9a-f-]+)-[0-9a-f]{32}$")
 
 
 @pytest.fixture(scope="module")
 def recorded_app() -> Iterator[tuple[TestClient, Client]]:
     # INLINE_MAX_COST=0: every valid request goes to the cluster, so every one is inspected there.
-    settings = Settings.from_environ({}, embedded_workers=1, fib_max_n=MAX_N, inline_max_cost=0.0)
+    # BATCH_MAX_COST generous: whatever the machine's speed, cheap requests that meet a busy worker
+    # thread travel in micro-batches, which must carry nothing but validated arguments either.
+    settings = Settings.from_environ({}, embedded_workers=1, fib_max_n=MAX_N, inline_max_cost=0.0,
+                                     batch_max_cost=2.0)
     app = create_app(settings)
     # The embedded scheduler is a subprocess: it must be able to import the recorder plugin.
     with pytest.MonkeyPatch.context() as mp:
@@ -82,14 +90,143 @@ def test_only_registered_functions_with_validated_args_reach_the_scheduler(
     submitted = dask.run_on_scheduler(recorded)
     print(f"{sum(statuses.values())} hostile values of n -> statuses {statuses}; "
           f"{len(submitted)} tasks reached the scheduler, all of them service.tasks.fib(0..{MAX_N})")
-    assert submitted, "nothing reached the scheduler: the check would be vacuous"
+    assert_declared_and_validated(submitted)
+
+
+def computations(submitted: list[tuple[str, object, tuple]]) -> list[tuple[str, object, tuple]]:
+    """One ``(key, wrapper, (function, *arguments))`` per computation: a micro-batch
+    (``service.functions.timed_batch``) carries the argument tuples of several."""
+    out = []
     for key, func, args in submitted:
+        if func == "service.functions.timed_batch":
+            assert len(args) == 2 and isinstance(args[1], list) and args[1], (key, args)
+            out += [(key, func, (args[0], *item)) for item in args[1]]
+        else:
+            out.append((key, func, args))
+    return out
+
+
+def assert_declared_and_validated(submitted: list[tuple[str, object, tuple]]) -> None:
+    """Every task that reached the scheduler is a declared function, run through a timing wrapper
+    (one computation, or a micro-batch of them), with arguments its declaration accepts exactly as
+    they are (the canonical form)."""
+    assert submitted, "nothing reached the scheduler: the check would be vacuous"
+    for key, func, args in computations(submitted):
         match = KEY.match(key)
         assert match, key
-        n = int(match.group(1))
-        # every task is service.tasks.fib(n), run through the timing wrapper
-        assert func == "service.tasks.timed", (key, func)
-        assert args == ("service.tasks.fib", n) and 0 <= n <= MAX_N, (key, args)
+        name = match.group(1)
+        wrapper = "service.functions.timed_batch" if match.group(2) == "batch" else "service.functions.timed"
+        assert func == wrapper, (key, func)
+        assert args[0] == f"service.tasks.{name}", (key, args)
+        declared = REGISTRY[name]
+        assert declared.validate(declared.kwargs(args[1:]), {"n": MAX_N}) == args[1:], (key, args)
+        assert [type(a) for a in args[1:]] == [type(a) for a in declared.validate(declared.calibration)], (key, args)
+
+
+# Hostile values for the declared parameters of /compute/{name}: HOSTILE's spellings plus JSON's own
+# types; derive's iterations stay small when valid so that a run stays in seconds.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+PARAMETERS = st.sampled_from(["n", "text", "salt", "iterations", "hash", "length", "evil", "__class__", ""])
+DECLARED = st.sampled_from(["fib", "derive"])
+FUNCTIONS = st.one_of(DECLARED, DECLARED, DECLARED, st.text(max_size=12))  # mostly declared names
+# Arguments close to valid ones, so that many hostile calls do pass validation and are inspected.
+NEAR_VALID = st.one_of(
+    st.fixed_dictionaries({"n": HOSTILE | st.integers(-2, MAX_N + 2)}),
+    st.fixed_dictionaries(
+        {"text": HOSTILE, "salt": HOSTILE},
+        optional={"iterations": st.integers(-1, 3000) | HOSTILE, "hash": st.sampled_from(["sha256", "sha512", "md5"]),
+                  "length": st.integers(10, 70)},
+    ),
+)
+
+
+def small(raw: dict) -> bool:
+    """False for an iteration count that might validate and be large (the run is sized in seconds)."""
+    try:
+        return float(raw.get("iterations", 0)) <= 5000
+    except (TypeError, ValueError, OverflowError):
+        return True
+
+
+def test_compute_routes_submit_only_declared_functions_with_validated_args(
+    recorded_app: tuple[TestClient, Client],
+) -> None:
+    client, dask = recorded_app
+    statuses: dict[tuple[str, int], int] = {}
+
+    def count(method: str, status: int) -> None:
+        statuses[method, status] = statuses.get((method, status), 0) + 1
+
+    @hypothesis.given(name=FUNCTIONS, query=st.one_of(
+        st.dictionaries(PARAMETERS, st.lists(HOSTILE, min_size=1, max_size=2), max_size=6),
+        NEAR_VALID.map(lambda d: {k: [str(v)] for k, v in d.items()})))
+    @hypothesis.settings(max_examples=250, deadline=None, database=None,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    def fuzz_get(name: str, query: dict[str, list[str]]) -> None:
+        hypothesis.assume(small({k: v[0] for k, v in query.items()}))
+        r = client.get("/compute/" + quote(name, safe=""), params=[(k, v) for k, vs in query.items() for v in vs])
+        count("GET", r.status_code)
+        assert r.status_code in (200, 404, 422), (name, query, r.status_code, r.text)
+        assert r.headers["content-type"] == "application/json", r.text
+
+    @hypothesis.given(name=FUNCTIONS, body=st.one_of(
+        st.dictionaries(PARAMETERS, JSON_VALUES | HOSTILE, max_size=6), JSON_VALUES, NEAR_VALID))
+    @hypothesis.settings(max_examples=250, deadline=None, database=None,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    def fuzz_post(name: str, body: object) -> None:
+        hypothesis.assume(not isinstance(body, dict) or small(body))
+        r = client.post("/compute/" + quote(name, safe=""), content=json.dumps(body))
+        count("POST", r.status_code)
+        assert r.status_code in (200, 404, 422), (name, body, r.status_code, r.text)
+        assert "Traceback" not in r.text
+
+    fuzz_get()
+    fuzz_post()
+    assert client.post("/compute/derive", content=b"{" * (64 * 1024 + 1)).status_code == 413
+    for method in ("PUT", "DELETE", "PATCH"):
+        assert client.request(method, "/compute/fib?n=1").status_code == 405
+    # valid calls of each declared function do reach the cluster, by GET and by POST
+    assert client.get("/compute/fib", params={"n": MAX_N}).status_code == 200
+    assert client.post("/compute/derive", json={"text": "t" * 1024, "salt": "s", "iterations": 10,
+                                                "hash": "sha512", "length": 64}).status_code == 200
+    submitted = dask.run_on_scheduler(recorded)
+    names = sorted({key.split("-")[0] for key, _, _ in submitted})
+    print(f"hostile /compute calls by (method, status): {dict(sorted(statuses.items()))}; "
+          f"{len(submitted)} tasks reached the scheduler, all declared ({names}) with validated arguments")
+    assert names == ["derive", "fib"]
+    assert_declared_and_validated(submitted)
+
+
+def test_micro_batches_carry_only_declared_functions_with_validated_args(
+    recorded_app: tuple[TestClient, Client],
+) -> None:
+    client, dask = recorded_app
+    before = len(dask.run_on_scheduler(recorded))
+    # A long derive keeps the only worker thread busy (seen processing on the scheduler), so the
+    # burst of cheap requests that follows meets a busy cell and travels in micro-batches.
+    blocker = {"text": "hold", "salt": "the thread", "iterations": 500_000, "hash": "sha512"}
+    ns = list(range(2, 2 + BURST))  # distinct: no coalescing
+    with ThreadPoolExecutor(BURST + 1) as pool:
+        held = pool.submit(client.post, "/compute/derive", json=blocker)
+        deadline = time.monotonic() + 60
+        # (a lambda travels by value: the scheduler cannot import this module)
+        busy = lambda dask_scheduler: any(ws.processing for ws in dask_scheduler.workers.values())  # noqa: E731
+        while not dask.run_on_scheduler(busy):
+            assert time.monotonic() < deadline and not held.done(), "the blocker never seen on the worker"
+            time.sleep(0.01)
+        answers = list(pool.map(lambda n: client.get("/compute/fib", params={"n": n}), ns))
+        assert held.result().status_code == 200, held.result().text
+    assert [r.json()["value"] for r in answers] == [fib_value(n) for n in ns], [r.text for r in answers]
+    submitted = dask.run_on_scheduler(recorded)[before:]
+    batches = [s for s in submitted if s[1] == "service.functions.timed_batch"]
+    print(f"{BURST} cheap requests behind a busy thread: {len(submitted)} tasks, {len(batches)} micro-batches "
+          f"carrying {len(computations(batches))} computations, every one validated")
+    assert batches, submitted
+    assert_declared_and_validated(submitted)
 
 
 DASHBOARD_PATHS = ["/status", "/workers", "/tasks", "/system", "/profile", "/graph", "/info/main/workers.html",

@@ -43,4 +43,4 @@ def test_absurd_reports_are_clamped(seconds: float, bound: float) -> None:
 def test_fib_cost_grows_by_phi_per_step() -> None:
     fib = REGISTRY["fib"]
     m = CostModel(fib.relative_cost, unit=1e-7)
-    assert m.local(31) / m.local(30) == pytest.approx(PHI)
+    assert m.local((31,)) / m.local((30,)) == pytest.approx(PHI)
