@@ -450,6 +450,21 @@ def test_one_image_for_all_roles(rendered: list[dict[str, Any]]) -> None:
     assert len(images) == 1, images
 
 
+def test_your_own_image_runs_every_role_and_the_api_loads_your_functions() -> None:
+    # README, "Your own function": an image FROM compute-api's with your package, then helm upgrade.
+    documents = helm_template(release="compute-api", namespace=NAMESPACE, set_values=[
+        "image.repository=registry.example.com/compute-api-mine", "image.tag=1.0",
+        "api.config.COMPUTE_TASKS=mypackage.tasks", "dask.cells=2"])
+    validate_all(documents)
+    images = {c["image"] for pod in pod_templates(documents).values() for c in containers(pod)}
+    assert images == {"registry.example.com/compute-api-mine:1.0"}, images
+    (source,) = [s["configMapRef"]["name"] for s in api_container(documents)["envFrom"] if "configMapRef" in s]
+    (config,) = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"] == source]
+    assert config["data"]["COMPUTE_TASKS"] == "mypackage.tasks"
+    with pytest.raises(AssertionError, match="COMPUTE_TASK"):  # a misspelt setting is refused, not ignored
+        helm_template(set_values=["api.config.COMPUTE_TASK=mypackage.tasks"])
+
+
 # --- NetworkPolicies -------------------------------------------------------------------------------------
 
 
