@@ -1003,7 +1003,8 @@ def test_the_dashboard_is_for_grafanas_sidecar(monitored: list[dict[str, Any]]) 
     assert config["metadata"]["annotations"] == {"grafana_folder": "compute"}
     board = dashboard(monitored)
     titles = " ".join(panel["title"] for panel in board["panels"]).lower()
-    for subject in ("requests per second", "latency", "503", "coalesced", "in flight", "workers", "queue"):
+    for subject in ("requests per second", "latency", "503", "coalesced", "in flight", "workers", "queue",
+                    "function", "micro-batched", "cells"):
         assert subject in titles
     assert not by_kind(helm_template(), "ConfigMap")[1:], "no dashboard by default"
 
