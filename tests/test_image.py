@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from _k8s_helpers import (
     BASE_NAMESPACE,
     BASE_RELEASE,
     CHART,
+    REPO,
     SCRIPTS,
     built_image,
     helm_template,
@@ -182,6 +184,40 @@ def test_chart_pods_run_the_remote_cluster(new_cluster: Callable[..., Cluster], 
 
     result = run_helm_test(cluster, documents)
     assert result.returncode == 0 and "ok:" in result.stdout, result.stdout + result.stderr
+
+
+def readme_recipe() -> dict[str, str]:
+    """The README's "Your own function" walk-through, as a user copies it: the Python file, the
+    Dockerfile, the example request and the answer it promises."""
+    section = (REPO / "README.md").read_text().split("## Your own function", 1)[1].split("\n## ", 1)[0]
+    blocks = dict(re.findall(r"```(python|dockerfile)\n(.*?)```", section, flags=re.S))
+    request, answer = re.search(r"`curl '[^']*?(/compute/[^']+)'` →\s*`(\{.*?\})`", section, flags=re.S).groups()
+    return {**blocks, "request": request, "answer": answer}
+
+
+def test_your_own_function_from_an_image_built_from_ours(new_cluster: Callable[..., Cluster], image: str,
+                                                         tmp_path: Path) -> None:
+    """The README's path without forking: its Python file in a package, its Dockerfile FROM this
+    image, the chart with that image for every role and api.config.COMPUTE_TASKS; the function
+    answers the README's request with the README's answer, computed on a worker."""
+    recipe = readme_recipe()
+    context = tmp_path / "context"
+    (context / "mypackage").mkdir(parents=True)
+    (context / "mypackage" / "__init__.py").write_text("")
+    (context / "mypackage" / "tasks.py").write_text(recipe["python"])
+    (context / "Dockerfile").write_text(re.sub(r"^FROM \S+", f"FROM {image}", recipe["dockerfile"], flags=re.M))
+    mine = "localhost/compute-api-mine:test"
+    podman("build", "--pull=never", "-t", mine, str(context), timeout=600)
+    try:
+        documents = helm_template(release=BASE_RELEASE, namespace=BASE_NAMESPACE, set_values=[
+            *image_values(mine), "api.replicas=1", "api.config.COMPUTE_TASKS=mypackage.tasks",
+            "api.config.INLINE_MAX_COST=0"])  # on a worker, not inline in the API
+        cluster = new_cluster(documents).start(workers=1)
+        assert get_json(cluster, recipe["request"]) == json.loads(recipe["answer"]), recipe
+        assert cluster.dask_computations() >= 1
+        assert "/compute/blend" in get_json(cluster, "/openapi.json")["paths"]
+    finally:
+        podman("rmi", "--force", mine, check=False)
 
 
 def tls_secret(documents: list[dict[str, Any]], directory: Path) -> dict[str, Path]:
