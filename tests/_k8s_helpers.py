@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import re
@@ -496,7 +497,9 @@ def built_image() -> str:
     """Build the image once per test session with the project's own build script (podman's layer
     cache makes rebuilds after unrelated edits fast) and return its tag."""
     require_tool("podman", "sudo scripts/install-test-tools.sh  (apt-get install -y podman runc debootstrap)")
-    tag = "localhost/compute-api:test"
+    # One tag per checkout: two checkouts testing on one machine (podman's storage is shared) must not
+    # overwrite each other's image under a running test's feet.
+    tag = f"localhost/compute-api:test-{hashlib.sha256(str(REPO).encode()).hexdigest()[:8]}"
     result = run([str(SCRIPTS / "build-image.sh"), tag], timeout=1800, env=podman_env())
     assert result.stdout.strip().splitlines()[-1] == tag, result.stdout
     return tag
