@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import re
@@ -139,6 +140,26 @@ def retiring_clusters(live: list[dict[str, Any]], current: list[str], *, release
         return []
     assert result.returncode == 0, result.stderr
     return load_documents(result.stdout)
+
+
+def helm_template_upgrading(live: list[dict[str, Any]], *, release: str = BASE_RELEASE,
+                            namespace: str = BASE_NAMESPACE, set_values: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The whole chart as `helm upgrade` renders it while these DaskClusters are live: a copy of the
+    chart whose `lookup` (which `helm template` cannot do) returns them instead."""
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = Path(tmp) / CHART.name
+        shutil.copytree(CHART, chart)
+        (chart / "values.schema.json").unlink()  # it would refuse the injected `live` value
+        template = chart / "templates" / "daskcluster-retiring.yaml"
+        lookup = 'lookup "kubernetes.dask.org/v1" "DaskCluster" .Release.Namespace ""'
+        assert lookup in template.read_text(), "the retiring clusters are no longer looked up this way"
+        template.write_text(template.read_text().replace(lookup, "dict \"items\" .Values.live"))
+        values = Path(tmp) / "live-values.yaml"
+        values.write_text(yaml.safe_dump({"live": live}))
+        cmd = [helm(), "template", release, str(chart), "--namespace", namespace, "--values", str(values)]
+        for assignment in set_values:
+            cmd += ["--set", assignment]
+        return load_documents(run(cmd, timeout=120).stdout)
 
 
 def kustomize(directory: Path) -> list[dict[str, Any]]:
@@ -351,6 +372,75 @@ def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
+# --- NetworkPolicy semantics, evaluated offline ---------------------------------------------------------
+
+
+def _port_matches(entry: dict[str, Any], port: int, named_ports: dict[str, int]) -> bool:
+    """One NetworkPolicyPort against a TCP port of the destination pod (named ports resolve on it)."""
+    if entry.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in entry:
+        return True
+    wanted = entry["port"]
+    if isinstance(wanted, str):
+        return named_ports.get(wanted) == port
+    return wanted <= port <= entry.get("endPort", wanted)
+
+
+def _peer_matches(peer: dict[str, Any], labels: dict[str, str], namespace: str, policy_namespace: str) -> bool:
+    """One NetworkPolicyPeer against a pod; ipBlock peers never match a pod here (pod IPs are not
+    known offline, and the chart admits no ipBlock to pods)."""
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        if not selector_matches(peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace}):
+            return False
+    elif namespace != policy_namespace:
+        return False
+    return selector_matches(peer.get("podSelector", {}), labels)
+
+
+def _direction_allows(policies: list[dict[str, Any]], direction: str, own: dict[str, str], own_ns: str,
+                      other: dict[str, str], other_ns: str, port: int, named_ports: dict[str, int],
+                      rendered_ns: str) -> bool:
+    kind = {"ingress": "Ingress", "egress": "Egress"}[direction]
+    peers_key = {"ingress": "from", "egress": "to"}[direction]
+    selecting = []
+    for policy in policies:
+        spec = policy["spec"]
+        types = spec.get("policyTypes") or (["Ingress", "Egress"] if "egress" in spec else ["Ingress"])
+        policy_ns = policy["metadata"].get("namespace", rendered_ns)
+        if kind in types and policy_ns == own_ns and selector_matches(spec.get("podSelector", {}), own):
+            selecting.append(policy)
+    if not selecting:  # a pod no policy isolates in this direction accepts everything
+        return True
+    return any(
+        (not rule.get("ports") or any(_port_matches(entry, port, named_ports) for entry in rule["ports"]))
+        and (peers_key not in rule or any(_peer_matches(peer, other, other_ns, own_ns) for peer in rule[peers_key]))
+        for policy in selecting
+        for rule in policy["spec"].get(direction) or []
+    )
+
+
+def network_allows(objects: Iterable[dict[str, Any]], src_pod_labels: dict[str, str],
+                   dst_pod_labels: dict[str, str], port: int, *, dst_named_ports: dict[str, int] | None = None,
+                   namespace: str = BASE_NAMESPACE, src_namespace: str | None = None) -> bool:
+    """Whether the rendered NetworkPolicies let a pod with src_pod_labels open a TCP connection to
+    port `port` of a pod with dst_pod_labels (in `namespace`), as the Kubernetes NetworkPolicy API
+    defines it: policies are additive; a pod selected by no policy of a direction is not isolated in
+    it; otherwise some rule of a selecting policy must match both the peer and the port; the source's
+    egress and the destination's ingress must both allow. Policies without a namespace are the
+    rendered chart's, in `namespace`. Named ports resolve on the destination pod
+    (dst_named_ports: container port name -> number)."""
+    policies = [doc for doc in objects if doc.get("kind") == "NetworkPolicy"]
+    src_ns = src_namespace or namespace
+    named = dst_named_ports or {}
+    return _direction_allows(policies, "egress", src_pod_labels, src_ns, dst_pod_labels, namespace, port, named,
+                             namespace) \
+        and _direction_allows(policies, "ingress", dst_pod_labels, namespace, src_pod_labels, src_ns, port, named,
+                              namespace)
+
+
 def assert_restricted(name: str, spec: dict[str, Any]) -> None:
     """Pod Security Standards, restricted profile (the fields this chart could get wrong)."""
     pod_security = spec.get("securityContext", {})
@@ -407,7 +497,9 @@ def built_image() -> str:
     """Build the image once per test session with the project's own build script (podman's layer
     cache makes rebuilds after unrelated edits fast) and return its tag."""
     require_tool("podman", "sudo scripts/install-test-tools.sh  (apt-get install -y podman runc debootstrap)")
-    tag = "localhost/compute-api:test"
+    # One tag per checkout: two checkouts testing on one machine (podman's storage is shared) must not
+    # overwrite each other's image under a running test's feet.
+    tag = f"localhost/compute-api:test-{hashlib.sha256(str(REPO).encode()).hexdigest()[:8]}"
     result = run([str(SCRIPTS / "build-image.sh"), tag], timeout=1800, env=podman_env())
     assert result.stdout.strip().splitlines()[-1] == tag, result.stdout
     return tag

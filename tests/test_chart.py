@@ -32,6 +32,8 @@ from _k8s_helpers import (
     expand,
     helm,
     helm_template,
+    helm_template_upgrading,
+    network_allows,
     one,
     operator_pods,
     pod_templates,
@@ -341,8 +343,11 @@ def test_scheduler_config(rendered: list[dict[str, Any]]) -> None:
     env = env_of(scheduler)
     routes = ast.literal_eval(env["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"])
     # The variable replaces the whole list: keep every default route (read from the installed
-    # distributed, so a new default cannot be silently dropped) and add the HTTP API.
-    defaults = dask.config.get("distributed.scheduler.http.routes")
+    # distributed, so a new default cannot be silently dropped) and add the HTTP API. Read from its
+    # defaults file, not dask.config: a Scheduler started in this process without bokeh appends
+    # "missing_bokeh" to the live config list in place (distributed/scheduler.py ~l.4004).
+    config = yaml.safe_load((Path(distributed.__file__).parent / "distributed.yaml").read_text())
+    defaults = config["distributed"]["scheduler"]["http"]["routes"]
     assert set(defaults) <= set(routes), set(defaults) - set(routes)
     assert "distributed.http.scheduler.api" in routes
     assert "distributed.http.health" in routes
@@ -511,7 +516,8 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
         "-scheduler": {"scheduler"},
         "-worker": {"worker"},
     }
-    assert len(by_kind(default_render, "NetworkPolicy")) == len(selects)
+    # the release-wide three, and the one cell's own two (_cellnetworkpolicy.tpl)
+    assert len(by_kind(default_render, "NetworkPolicy")) == len(selects) + 2
     for suffix, expected in selects.items():
         policy = _policy(default_render, suffix)
         assert policy["spec"]["policyTypes"] == (["Ingress", "Egress"] if suffix == "-worker" else ["Ingress"])
@@ -521,11 +527,9 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
         assert selected == expected, (suffix, selected)
 
     scheduler_policy = _policy(default_render, "-scheduler")
-    # 8786 executes whatever it is sent: only the API and the workers.
-    assert {n for n, labels in everyone.items() if _peers_allow_pod(scheduler_policy, "tcp-comm", labels)} == {
-        "api",
-        "worker",
-    }
+    # 8786 executes whatever it is sent: the release-wide policy admits nobody (each cell's own
+    # policy admits the API and that cell's workers: test_cells_reach_only_their_own_scheduler).
+    assert not any(_peers_allow_pod(scheduler_policy, "tcp-comm", labels) for labels in everyone.values())
     assert _namespaces_allowed(scheduler_policy, "tcp-comm") == set()
     # The dashboard / HTTP API: the operator's namespace only, never the ingress controller.
     assert _namespaces_allowed(scheduler_policy, "http-dashboard") == {"dask-operator"}
@@ -533,10 +537,7 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
 
     worker_policy = _policy(default_render, "-worker")
     for port in ("tcp-worker", "tcp-nanny"):
-        assert {n for n, labels in everyone.items() if _peers_allow_pod(worker_policy, port, labels)} == {
-            "scheduler",
-            "worker",
-        }
+        assert not any(_peers_allow_pod(worker_policy, port, labels) for labels in everyone.values())
         assert _namespaces_allowed(worker_policy, port) == set()
 
     api_policy = _policy(default_render, "-api")
@@ -547,8 +548,10 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
     for suffix, role in (("-api", api), ("-scheduler", scheduler), ("-worker", worker)):
         pod = next(p for p in pods.values() if p["metadata"]["labels"] is role)
         names = {port["name"] for c in pod["spec"]["containers"] for port in c.get("ports", [])}
-        for rule in _policy(default_render, suffix)["spec"]["ingress"]:
-            assert {p["port"] for p in rule["ports"]} <= names, (suffix, rule["ports"], names)
+        own = [_policy(default_render, f"{suffix}-peers")] if suffix != "-api" else []  # a cell's own
+        for policy in [_policy(default_render, suffix), *own]:
+            for rule in policy["spec"]["ingress"]:
+                assert {p["port"] for p in rule["ports"]} <= names, (suffix, rule["ports"], names)
 
 
 def test_workers_reach_only_dns_the_scheduler_and_each_other(default_render: list[dict[str, Any]]) -> None:
@@ -556,8 +559,8 @@ def test_workers_reach_only_dns_the_scheduler_and_each_other(default_render: lis
     scheduler = pods["DaskCluster/scheduler"]["metadata"]["labels"]
     worker = pods["DaskCluster/worker"]["metadata"]["labels"]
     api = pods["Deployment/compute-api"]["metadata"]["labels"]
-    egress = _policy(default_render, "-worker")["spec"]["egress"]
-    dns, *to_pods = egress
+    (dns,) = _policy(default_render, "-worker")["spec"]["egress"]
+    to_pods = _policy(default_render, "-worker-peers")["spec"]["egress"]
     assert "to" not in dns and {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
     reachable = [(peer["podSelector"], {p["port"] for p in rule["ports"]}) for rule in to_pods for peer in rule["to"]]
     # every peer is a pod of this release: no ipBlock, so no cloud metadata address, no internet
@@ -566,8 +569,10 @@ def test_workers_reach_only_dns_the_scheduler_and_each_other(default_render: lis
     assert [ports for selector, ports in reachable if selector_matches(selector, worker)] == [{8788, 8789}]
     assert not [ports for selector, ports in reachable if selector_matches(selector, api)]
     # and it can be switched off
-    off = _policy(helm_template(set_values=["networkPolicy.workerEgress.enabled=false"]), "-worker")
-    assert off["spec"]["policyTypes"] == ["Ingress"] and "egress" not in off["spec"]
+    off = helm_template(set_values=["networkPolicy.workerEgress.enabled=false"])
+    for suffix in ("-worker", "-worker-peers"):
+        spec = _policy(off, suffix)["spec"]
+        assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec, suffix
 
 
 def test_the_gateway_proxies_are_admitted_to_the_api_port_only() -> None:
@@ -964,11 +969,10 @@ def test_the_scheduler_serves_its_metrics_on_the_scraped_port(monitored: list[di
 
 
 def test_the_network_policies_admit_every_scrape(monitored: list[dict[str, Any]]) -> None:
-    """The scraper's namespace reaches each monitored port, through the policy that selects the pod."""
-    policies = by_kind(monitored, "NetworkPolicy")
+    """The scraper's namespace reaches each monitored port, through the policies that select the pod."""
+    prometheus = {"metadata": {"labels": {"app.kubernetes.io/name": "prometheus"}}}
     for name, (pod, port) in scrape_targets(monitored).items():
-        (policy,) = [p for p in policies if selector_matches(p["spec"]["podSelector"], pod["metadata"]["labels"])]
-        assert "monitoring" in _namespaces_allowed(policy, port["name"]), name
+        assert _reach(monitored, prometheus, pod, port["containerPort"], src_namespace="monitoring"), name
 
 
 def test_monitors_the_network_policies_would_block_are_refused() -> None:
@@ -1111,8 +1115,9 @@ def test_cells_are_identical_clusters_the_api_places_requests_on() -> None:
     assert [a.split("//")[1].split("-scheduler.")[0] for a in scheduler_addresses(documents)] == names
     for cluster in daskclusters(documents):
         for role, pod in operator_pods(cluster).items():
-            policy = _policy(documents, f"-{role}")
-            assert selector_matches(policy["spec"]["podSelector"], pod["metadata"]["labels"]), (cluster, role)
+            own = f"{cluster['metadata']['name']}-{role}-peers"
+            for policy in (_policy(documents, f"-{role}"), _policy(documents, own)):
+                assert selector_matches(policy["spec"]["podSelector"], pod["metadata"]["labels"]), (cluster, role)
     # the upgrade path retires every cell of the old revision, and none of the new
     upgraded = helm_template(CHART / "ci" / "cells-values.yaml", release="compute-api", namespace=NAMESPACE,
                              set_values=["image.tag=2.0.0"])
@@ -1120,3 +1125,103 @@ def test_cells_are_identical_clusters_the_api_places_requests_on() -> None:
     assert not set(new_names) & set(names)
     live = [helm_owned(c) for c in daskclusters(documents) + daskclusters(upgraded)]
     assert [c["metadata"]["name"] for c in retiring_clusters(live, new_names)] == names
+
+
+# --- NetworkPolicies per cell -------------------------------------------------------------------------
+
+
+def _cell_pods(documents: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per DaskCluster, its scheduler and worker pods as the operator builds them."""
+    return {c["metadata"]["name"]: operator_pods(c) for c in by_kind(documents, "DaskCluster")}
+
+
+def _named_ports(pod: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", []) if "name" in p}
+
+
+def _reach(documents: list[dict[str, Any]], src: dict[str, Any], dst: dict[str, Any], port: int,
+           *, src_namespace: str | None = None) -> bool:
+    return network_allows(documents, src["metadata"]["labels"], dst["metadata"]["labels"], port,
+                          dst_named_ports=_named_ports(dst), namespace=NAMESPACE, src_namespace=src_namespace)
+
+
+def assert_cells_isolated(documents: list[dict[str, Any]], cells: int) -> None:
+    """Every pair of cells: a worker reaches its own scheduler (8786) and its own cell's workers
+    (8788/8789), never another cell's; each scheduler reaches its own workers only; the API reaches
+    every scheduler and no worker; the operator reaches every scheduler's HTTP API, the ingress
+    controller no scheduler."""
+    pods = _cell_pods(documents)
+    assert len(pods) == cells, list(pods)
+    api = pod_templates(documents)[f"Deployment/{one(documents, 'Deployment')['metadata']['name']}"]
+    operator = {"metadata": {"labels": {"app": "dask-kubernetes-operator"}}}
+    for a, cell_a in pods.items():
+        assert _reach(documents, api, cell_a["scheduler"], 8786), a
+        assert not _reach(documents, api, cell_a["worker"], 8788), a
+        assert _reach(documents, operator, cell_a["scheduler"], 8787, src_namespace="dask-operator"), a
+        assert not _reach(documents, operator, cell_a["scheduler"], 8786, src_namespace="dask-operator"), a
+        assert not _reach(documents, api, cell_a["scheduler"], 8787, src_namespace="ingress-nginx"), a
+        assert not _reach(documents, cell_a["worker"], api, 8000), a
+        for b, cell_b in pods.items():
+            same = a == b
+            assert _reach(documents, cell_a["worker"], cell_b["scheduler"], 8786) is same, (a, b)
+            for port in (8788, 8789):
+                assert _reach(documents, cell_a["worker"], cell_b["worker"], port) is same, (a, b, port)
+                assert _reach(documents, cell_a["scheduler"], cell_b["worker"], port) is same, (a, b, port)
+
+
+@pytest.mark.parametrize("cells", [1, 3])
+def test_cells_reach_only_their_own_scheduler(cells: int) -> None:
+    documents = helm_template(release="compute-api", namespace=NAMESPACE, set_values=[f"dask.cells={cells}"])
+    assert_cells_isolated(documents, cells)
+    # per cell: exactly its two policies, selecting by the operator's own pod labels
+    names = [c["metadata"]["name"] for c in daskclusters(documents)]
+    per_cell = sorted(p["metadata"]["name"] for p in by_kind(documents, "NetworkPolicy")
+                      if "dask.org/cluster-name" in p["metadata"]["labels"])
+    assert per_cell == sorted(f"{n}-{role}-peers" for n in names for role in ("scheduler", "worker"))
+
+
+def test_network_allows_follows_the_networkpolicy_api() -> None:
+    """The offline checker against hand-made policies whose verdicts the Kubernetes docs state."""
+    a, b = {"role": "a"}, {"role": "b"}
+    assert network_allows([], a, b, 80)  # nothing isolates: all allowed
+    deny_b = {"kind": "NetworkPolicy", "metadata": {"name": "x"},
+              "spec": {"podSelector": {"matchLabels": b}, "policyTypes": ["Ingress"]}}
+    assert not network_allows([deny_b], a, b, 80)
+    assert network_allows([deny_b], b, a, 80)
+    allow_a = {"kind": "NetworkPolicy", "metadata": {"name": "y"},
+               "spec": {"podSelector": {"matchLabels": b},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": a}}], "ports": [{"port": "web"}]}]}}
+    # policies add up; named ports resolve on the destination; UDP rules never admit TCP
+    assert network_allows([deny_b, allow_a], a, b, 80, dst_named_ports={"web": 80})
+    assert not network_allows([deny_b, allow_a], a, b, 81, dst_named_ports={"web": 80})
+    assert not network_allows([allow_a], a, b, 80, dst_named_ports={"web": 80}, src_namespace="other")
+    egress_only_dns = {"kind": "NetworkPolicy", "metadata": {"name": "z"},
+                       "spec": {"podSelector": {"matchLabels": a}, "policyTypes": ["Egress"],
+                                "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}}
+    assert not network_allows([egress_only_dns], a, b, 53)
+
+
+def test_retiring_cells_keep_their_policies_until_deleted() -> None:
+    """During an upgrade every old cell still drains the old API pods' requests: its cluster and its
+    two policies are re-applied (labelled retiring), so its workers still reach its scheduler, and the
+    old and new cells stay apart."""
+    cells = ["dask.cells=2"]
+    old = helm_template(release="compute-api", namespace=NAMESPACE, set_values=cells)
+    new = helm_template(release="compute-api", namespace=NAMESPACE, set_values=[*cells, "image.tag=2.0.0"])
+    live = [helm_owned(c) for c in daskclusters(old) + daskclusters(new)]
+    upgrading = helm_template_upgrading(live, namespace=NAMESPACE, set_values=[*cells, "image.tag=2.0.0"])
+    old_names = [c["metadata"]["name"] for c in daskclusters(old)]
+    retiring = [p["metadata"]["name"] for p in by_kind(upgrading, "NetworkPolicy")
+                if p["metadata"]["labels"].get("compute-api/retiring") == "true"]
+    assert sorted(retiring) == sorted(f"{n}-{role}-peers" for n in old_names for role in ("scheduler", "worker"))
+    # the retiring policies are exactly the ones the old revision applied (Helm changes nothing)
+    for name in retiring:
+        (before,) = [p for p in by_kind(old, "NetworkPolicy") if p["metadata"]["name"] == name]
+        (after,) = [p for p in by_kind(upgrading, "NetworkPolicy") if p["metadata"]["name"] == name]
+        assert after["spec"] == before["spec"], name
+    assert_cells_isolated(upgrading, 4)
+    validate_all(by_kind(upgrading, "NetworkPolicy"))
+    # with the policies off, a retiring cluster brings none either
+    off = helm_template_upgrading(live, namespace=NAMESPACE,
+                                  set_values=[*cells, "image.tag=2.0.0", "networkPolicy.enabled=false"])
+    assert len(by_kind(off, "DaskCluster")) == 4 and by_kind(off, "NetworkPolicy") == []

@@ -6,6 +6,8 @@ worker names, scale-down through the scheduler's /api/v1/retire_workers), the ku
 `$(VAR)` resolution, securityContext, volumes, probes, restartPolicy, preStop + grace period), the
 Deployment controller (maxSurge/maxUnavailable rollout), CoreDNS (network aliases for Service
 names) and the ingress controller (nginx configured from the Ingress, endpoints = ready API pods).
+Every DaskCluster the chart renders runs (``dask.cells``: one scheduler and its workers per cell);
+methods that act on one take its name (``cluster=``), by default the first.
 Commands, arguments, environment, ports and images are taken verbatim from the manifests.
 """
 
@@ -127,7 +129,8 @@ class Cluster:
         self.secrets = secrets or {}
         self.prefix = f"e2e-{uuid.uuid4().hex[:6]}"
         self.network = self.prefix
-        self.daskcluster = one(documents, "DaskCluster")
+        self.daskclusters = {c["metadata"]["name"]: c for c in by_kind(documents, "DaskCluster")}
+        self.daskcluster = next(iter(self.daskclusters.values()))  # the first cell (the only one by default)
         self.cluster_name = self.daskcluster["metadata"]["name"]
         self.release = self.daskcluster["metadata"]["labels"]["app.kubernetes.io/instance"]
         self.retiring: dict[str, dict[str, Any]] = {}  # older DaskClusters draining after an upgrade
@@ -241,10 +244,12 @@ class Cluster:
 
     def start(self, workers: int | None = None) -> Cluster:
         self.create_network()
-        self.start_scheduler()
-        for _ in range(self.daskcluster["spec"]["worker"]["replicas"] if workers is None else workers):
-            self.add_worker()
-        self.wait_for_workers(len(self.worker_pods()))
+        for name, daskcluster in self.daskclusters.items():
+            self.start_scheduler(daskcluster)
+            for _ in range(daskcluster["spec"]["worker"]["replicas"] if workers is None else workers):
+                self.add_worker(name)
+        for name in self.daskclusters:
+            self.wait_for_workers(len(self.worker_pods(name)), cluster=name)
         for _ in range(self.api_deployment["spec"]["replicas"]):
             self.wait_ready(self.start_api_pod())
         self.start_ingress()
@@ -268,63 +273,87 @@ class Cluster:
 
     @property
     def scheduler(self) -> Pod:
-        return self.pods[f"{self.cluster_name}-scheduler"]
+        return self.scheduler_of()
+
+    def scheduler_of(self, cluster: str | None = None) -> Pod:
+        """A cell's scheduler pod (by default the first cell's)."""
+        return self.pods[f"{cluster or self.cluster_name}-scheduler"]
 
     @property
     def scheduler_service_aliases(self) -> list[str]:
-        service = f"{self.cluster_name}-scheduler"
+        return self.service_aliases(self.cluster_name)
+
+    def service_aliases(self, cluster: str) -> list[str]:
+        service = f"{cluster}-scheduler"
         return [service, f"{service}.{self.namespace}.svc.cluster.local"]
 
-    def start_scheduler(self) -> Pod:
-        pod = operator_pods(self.daskcluster)["scheduler"]
+    def start_scheduler(self, daskcluster: dict[str, Any] | None = None) -> Pod:
+        daskcluster = daskcluster or self.daskcluster
+        name = daskcluster["metadata"]["name"]
+        pod = operator_pods(daskcluster)["scheduler"]
         # The Deployment is named <cluster>-scheduler; this container stands for its one pod.
-        deployment = f"{self.cluster_name}-scheduler"
-        scheduler = self._run_pod("scheduler", deployment, pod, self.scheduler_service_aliases, pod_name(deployment))
+        deployment = f"{name}-scheduler"
+        scheduler = self._run_pod("scheduler", deployment, pod, self.service_aliases(name), pod_name(deployment))
         self.wait_ready(scheduler)
         return scheduler
 
-    def scheduler_url(self, path: str) -> str:
-        port = self.scheduler.spec.port("http-dashboard")
-        return f"http://{self.ip(self.scheduler)}:{port}{path}"
+    def scheduler_url(self, path: str, cluster: str | None = None) -> str:
+        scheduler = self.scheduler_of(cluster)
+        return f"http://{self.ip(scheduler)}:{scheduler.spec.port('http-dashboard')}{path}"
 
-    def scheduler_api(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        url = self.scheduler_url(f"/api/v1/{path}")
+    def scheduler_api(self, path: str, body: dict[str, Any] | None = None, cluster: str | None = None) -> Any:
+        url = self.scheduler_url(f"/api/v1/{path}", cluster)
         response = self.http.post(url, json=body, timeout=60) if body is not None else self.http.get(url)
         assert response.status_code == 200, f"{url}: HTTP {response.status_code} {response.text[:300]}"
         return response.json()
 
-    def stop_scheduler(self) -> None:
-        self.stopped.add(self.scheduler.name)
-        podman("stop", "--time", str(self.scheduler.spec.grace_period()), self.scheduler.container, timeout=120)
+    def stop_scheduler(self, cluster: str | None = None) -> None:
+        scheduler = self.scheduler_of(cluster)
+        self.stopped.add(scheduler.name)
+        podman("stop", "--time", str(scheduler.spec.grace_period()), scheduler.container, timeout=120)
 
-    def restart_scheduler(self) -> None:
-        podman("start", self.scheduler.container)
-        self.scheduler.started = time.monotonic()
-        self.stopped.discard(self.scheduler.name)
-        self.wait_ready(self.scheduler)
+    def kill_scheduler(self, cluster: str | None = None) -> None:
+        """SIGKILL a cell's scheduler container, as a crash or an OOM kill would end it: no goodbye
+        to its clients or workers, every task it held is lost. It stays down until
+        restart_scheduler(cluster) (the kubelet's restart) and is not probed meanwhile."""
+        scheduler = self.scheduler_of(cluster)
+        self.stopped.add(scheduler.name)
+        podman("kill", "--signal", "KILL", scheduler.container)
+        podman("wait", scheduler.container, timeout=60)
+
+    def restart_scheduler(self, cluster: str | None = None) -> None:
+        scheduler = self.scheduler_of(cluster)
+        podman("start", scheduler.container)
+        scheduler.started = time.monotonic()
+        self.stopped.discard(scheduler.name)
+        self.wait_ready(scheduler)
 
     # -- workers (the operator's DaskWorkerGroup <cluster>-default) ----------------------------------
 
-    def worker_pods(self) -> list[Pod]:
-        """The current DaskCluster's workers (during an upgrade, the old cluster's still drain)."""
-        return [p for p in self.pods.values() if p.role == "worker" and p.name.startswith(f"{self.cluster_name}-")]
+    def worker_pods(self, cluster: str | None = None) -> list[Pod]:
+        """A current DaskCluster's workers, by default the first cell's (during an upgrade, the old
+        cluster's still drain)."""
+        prefix = f"{cluster or self.cluster_name}-default-"
+        return [p for p in self.pods.values() if p.role == "worker" and p.name.startswith(prefix)]
 
-    def add_worker(self) -> Pod:
-        name, pod = operator_worker_pod(self.daskcluster, self.namespace)
+    def add_worker(self, cluster: str | None = None) -> Pod:
+        daskcluster = self.daskclusters[cluster] if cluster else self.daskcluster
+        name, pod = operator_worker_pod(daskcluster, self.namespace)
         # The operator names the Deployment; the ReplicaSet controller names its pod (the hostname).
         return self._run_pod("worker", name, pod, hostname=pod_name(name))
 
-    def scheduler_workers(self) -> list[dict[str, str]]:
-        return self.scheduler_api("get_workers")["workers"]
+    def scheduler_workers(self, cluster: str | None = None) -> list[dict[str, str]]:
+        return self.scheduler_api("get_workers", cluster=cluster)["workers"]
 
-    def wait_for_workers(self, n: int, timeout: float = 90) -> None:
+    def wait_for_workers(self, n: int, timeout: float = 90, cluster: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(httpx.HTTPError, AssertionError):
-                if len(self.scheduler_workers()) == n:
+                if len(self.scheduler_workers(cluster)) == n:
                     return
             if time.monotonic() > deadline:
-                raise AssertionError(f"expected {n} workers on the scheduler within {timeout}s")
+                raise AssertionError(f"expected {n} workers on {cluster or self.cluster_name}'s scheduler "
+                                     f"within {timeout}s")
             time.sleep(0.5)
 
     def scale_workers(self, replicas: int) -> list[str]:
@@ -464,6 +493,7 @@ class Cluster:
         assert [doc["metadata"]["name"] for doc in retiring] == [self.cluster_name], retiring
         self.retiring = {doc["metadata"]["name"]: doc for doc in retiring}
         self.documents, self.daskcluster, self.cluster_name = documents, new, new["metadata"]["name"]
+        self.daskclusters = {self.cluster_name: new}
         self.api_deployment = next(d for d in by_kind(documents, "Deployment")
                                    if d["metadata"]["labels"].get("app.kubernetes.io/component") == "api")
         self.config_maps = {c["metadata"]["name"]: c["data"] for c in by_kind(documents, "ConfigMap")}

@@ -250,10 +250,10 @@ deletes it once drained. Takes live (DaskCluster objects as the API server retur
 alone; a rollback to a cluster that still exists makes it current again (idleTimeout 0).
 */}}
 {{- define "compute-api.retiringClusters" -}}
+{{- $retiring := include "compute-api.retiringClusterNames" . | fromJsonArray }}
 {{- range $cluster := .live }}
 {{- $meta := $cluster.metadata }}
-{{- $owner := get ($meta.annotations | default dict) "meta.helm.sh/release-name" }}
-{{- if and (eq $owner $.release) (not (has $meta.name $.current)) (not $meta.deletionTimestamp) }}
+{{- if has $meta.name $retiring }}
 ---
 apiVersion: kubernetes.dask.org/v1
 kind: DaskCluster
@@ -265,4 +265,18 @@ spec:
   {{- toYaml (set (deepCopy $cluster.spec) "idleTimeout" (int $.idleTimeout)) | nindent 2 }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* The names of the release's older DaskClusters that are still draining (same arguments as
+retiringClusters): their cells' NetworkPolicies stay until the cluster is gone. */}}
+{{- define "compute-api.retiringClusterNames" -}}
+{{- $names := list }}
+{{- range $cluster := .live }}
+{{- $meta := $cluster.metadata }}
+{{- $owner := get ($meta.annotations | default dict) "meta.helm.sh/release-name" }}
+{{- if and (eq $owner $.release) (not (has $meta.name $.current)) (not $meta.deletionTimestamp) }}
+{{- $names = append $names $meta.name }}
+{{- end }}
+{{- end }}
+{{- toJson $names }}
 {{- end }}
