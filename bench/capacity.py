@@ -1,18 +1,19 @@
 """CPU per request of each process, with one cell and with two (``python -m bench capacity``).
 
-Real processes: two Dask cells (a ``dask scheduler`` with single-threaded ``dask worker`` processes
-each) and ``compute-api serve`` in remote mode, first on cell A alone, then on both
-(``SCHEDULER_ADDRESSES=A,B``). Each runs the same two loads at a fixed open-loop rate: cheap
-``/fib/{n}`` requests (fib(n) about 1 ms of work here) and heavier ones at a lower rate (fib(n)
-about 20 ms, so about 25 ms on average with fib(n+1)). The CPU time of the API, of each scheduler
-and of each worker (nanny included) comes from the OS; every answer's value is checked. The figures
-feed the capacity model (``bench/capacity_model.py``), and each scheduler's CPU with two cells is
-compared with the lone scheduler's (issue 12's target: at most 55 %). Prints figures; never fails
-on a target.
+Real processes: Dask cells (a ``dask scheduler`` with single-threaded ``dask worker`` processes each)
+and ``compute-api serve`` in remote mode, first on one cell with all the workers, then on two cells
+with half of them each (``SCHEDULER_ADDRESSES=A,B``): the same hardware, split. Each runs the same
+two loads at a fixed open-loop rate: cheap ``/fib/{n}`` requests (fib(n) about 1 ms of work here)
+and heavier ones at a lower rate (fib(n) about 20 ms, so about 25 ms on average with fib(n+1)). The
+CPU time of the API, of each scheduler and of each worker (nanny included) comes from the OS; every
+answer's value is checked. The figures feed the capacity model (``bench/capacity_model.py``), and
+each scheduler's CPU with two cells is compared with the lone scheduler's (issue 12's target: at
+most 55 %). Prints figures; never fails on a target.
 
 Requests alternate between fib(n) and fib(n+1), which rendezvous hashing places on different cells
 (the schedulers' ports are chosen so), so both cells get the same number of requests; the one-cell
-run gets the very same requests.
+run gets the very same requests. A scheduler's CPU follows its Dask tasks, not the requests: with
+micro-batching, "requests/Dask task" says how many requests shared one.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ async def phase(
         "statuses": status_counts(s for _, s, _ in answers),
         "latency_ms": latency_ms(s for _, s, _ in answers),
         "cell_computations": computations,
+        "requests_per_task": ok / max(metric(after, "compute_api_dask_tasks_total")
+                                      - metric(before, "compute_api_dask_tasks_total"), 1),
         "api_ms": (end["api"] - start["api"]) * per,
         "scheduler_cpu_s": schedulers,
         "scheduler_idle_ms_per_s": [1000 * i for i in idle],
@@ -113,32 +116,41 @@ async def phase(
     }
 
 
+def _measure(
+    cells: int, env: dict[str, str], clusters: Sequence[Cluster], sizes: dict[str, tuple[int, float]],
+    seconds: float, log_dir: Path, results: dict[str, Any],
+) -> None:
+    with running(remote_api(f"{cells} cell(s)", env), 0, log_dir) as url:
+        api_pid = listening_pid(url)
+        for size, (n, size_rate) in sizes.items():
+            row = asyncio.run(phase(url, api_pid, clusters, (n, n + 1), size_rate, seconds))
+            row.update(size=size, cells=cells, rate=size_rate)
+            results["runs"][f"{size}/{cells}"] = row
+            print(f"{size}, {cells} cell(s): {row['statuses']}, api {row['api_ms']:.2f} ms, "
+                  f"schedulers {[round(x, 2) for x in row['scheduler_ms']]} ms, "
+                  f"workers {row['worker_ms']:.2f} ms per request", flush=True)
+
+
 def run(rate: float, heavy_rate: float, seconds: float, workers: int, log_dir: Path) -> dict[str, Any]:
+    """One cell with ``workers`` workers, then two cells with half as many each: the same hardware
+    and the same requests, only split in two cells."""
     sizes = {"cheap": (fib_n_for(0.001), rate), "heavy": (fib_n_for(0.020), heavy_rate)}
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(),
                                "load_average": os.getloadavg()[0], "seconds": seconds,
-                               "workers_per_cell": workers, "runs": {}}
+                               "workers": workers, "runs": {}}
+    with dask_cluster(workers, log_dir, "cell-alone") as alone:
+        _measure(1, {"DASK_SCHEDULER_ADDRESS": alone.address}, (alone,), sizes, seconds, log_dir, results)
     ports = balanced_ports([n for n, _ in sizes.values()])
-    ns = {size: (n, n + 1) for size, (n, _) in sizes.items()}
-    with (dask_cluster(workers, log_dir, "cell-a", ports[0]) as a,
-          dask_cluster(workers, log_dir, "cell-b", ports[1]) as b):
-        addresses = [a.address, b.address]
-        for cells, env in ((1, {"DASK_SCHEDULER_ADDRESS": a.address}),
-                           (2, {"SCHEDULER_ADDRESSES": ",".join(addresses)})):
-            clusters = (a, b)[:cells]
-            with running(remote_api(f"{cells} cell(s)", env), workers, log_dir) as url:
-                api_pid = listening_pid(url)
-                for size, (_, size_rate) in sizes.items():
-                    row = asyncio.run(phase(url, api_pid, clusters, ns[size], size_rate, seconds))
-                    row.update(size=size, cells=cells, rate=size_rate)
-                    results["runs"][f"{size}/{cells}"] = row
-                    print(f"{size}, {cells} cell(s): {row['statuses']}, api {row['api_ms']:.2f} ms, "
-                          f"schedulers {[round(x, 2) for x in row['scheduler_ms']]} ms, "
-                          f"workers {row['worker_ms']:.2f} ms per request", flush=True)
+    half = max(1, workers // 2)
+    with (dask_cluster(half, log_dir, "cell-a", ports[0]) as a,
+          dask_cluster(half, log_dir, "cell-b", ports[1]) as b):
+        env = {"SCHEDULER_ADDRESSES": f"{a.address},{b.address}"}
+        _measure(2, env, (a, b), sizes, seconds, log_dir, results)
     for size in sizes:
         alone = results["runs"][f"{size}/1"]
         pair = results["runs"][f"{size}/2"]
         pair["scheduler_share"] = [cpu / alone["scheduler_cpu_s"][0] for cpu in pair["scheduler_cpu_s"]]
+        pair["scheduler_net_share"] = [ms / alone["scheduler_net_ms"][0] for ms in pair["scheduler_net_ms"]]
     profiles = {size: profile(results["runs"][f"{size}/1"]) for size in sizes}
     per_size, sizing = capacity_model(profiles, EXAMPLE_LOAD)
     results["model"] = {"headroom": HEADROOM, "profiles": {k: asdict(v) for k, v in profiles.items()},
@@ -157,17 +169,19 @@ def profile(row: dict[str, Any]) -> Profile:
 def table(results: dict[str, Any]) -> str:
     lines = [
         "| load | cells | answered/s (failed, wrong) | API ms/req | scheduler ms/req (less idle) | "
-        "worker ms/req | scheduler CPU vs alone |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "worker ms/req | requests/Dask task | scheduler CPU vs alone (less idle) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["runs"].values():
         fibs = "/".join(str(n) for n in row["ns"])
         schedulers = ", ".join(f"{t:.2f} ({n:.2f})" for t, n in zip(row["scheduler_ms"], row["scheduler_net_ms"],
                                                                       strict=True))
-        share = ", ".join(f"{s:.0%}" for s in row.get("scheduler_share", [1.0]))
+        share = ", ".join(f"{s:.0%} ({t:.0%})" for s, t in zip(row.get("scheduler_share", [1.0]),
+                                                                 row.get("scheduler_net_share", [1.0]), strict=True))
         lines.append(f"| {row['rate']:g}/s fib({fibs}) | {row['cells']} | "
                      f"{row['answered'] / results['seconds']:.0f} ({row['failed']}, {row['wrong']}) | "
-                     f"{row['api_ms']:.2f} | {schedulers} | {row['worker_ms']:.2f} | {share} |")
+                     f"{row['api_ms']:.2f} | {schedulers} | {row['worker_ms']:.2f} | "
+                     f"{row['requests_per_task']:.1f} | {share} |")
     model = results["model"]
     lines.append("")
     lines.append(f"Capacity model, one core per process at {model['headroom']:.0%} (requests/s):")
@@ -195,13 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="cheap requests per second (open loop)")
     parser.add_argument("--heavy-rate", type=float, default=10.0, help="heavy requests per second (open loop)")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load per run")
-    parser.add_argument("--workers", type=int, default=1, help="single-threaded Dask workers per cell")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="single-threaded Dask workers in all (one cell: all of them; two cells: half each)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
         results = run(args.rate, args.heavy_rate, args.seconds, args.workers, Path(tmp))
     print(f"\n{results['date']}, {results['cores']} cores, load average {results['load_average']:.1f} before, "
-          f"{args.seconds:g} s per run, {args.workers} single-threaded worker(s) per cell\n")
+          f"{args.seconds:g} s per run, {args.workers} single-threaded workers in all\n")
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
