@@ -18,7 +18,7 @@ help:
 	@echo "make test     install test tools, then run the whole test suite"
 	@echo "make unit     the fast layer only: pure logic and in-process Dask, in seconds"
 	@echo "make load     Locust swarm with SLO gate against LOAD_HOST (default: make run's server)"
-	@echo "make bench    benchmark compute-api against the usual ways of serving compute"
+	@echo "make bench    benchmark compute-api against the usual ways of serving compute, then its capacity"
 	@echo "make soak     10-minute mixed load; prints error rate, p99 drift, RSS slope"
 	@echo "make e2e      the chart's pods as real containers behind an nginx ingress"
 	@echo "make image    build the container image with podman"
@@ -70,8 +70,10 @@ LOAD_HOST ?= http://$(HOST):$(PORT)
 load: $(DEV)
 	$(BIN)/locust --config locustfiles/locust.conf --headless --host $(LOAD_HOST) $(LOAD_ARGS)
 
+# The comparison, then the capacity scenario (CPU per request of each process); the comparison's
+# exit status is kept.
 bench: $(DEV)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench; status=$$?; $(BIN)/python -m bench capacity && exit $$status
 
 soak: $(DEV)
 	$(BIN)/python -m tests.soak --duration 600

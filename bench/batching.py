@@ -12,77 +12,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
-from prometheus_client.parser import text_string_to_metric_families
-
 from bench.driver import Driver, latency_ms, percentile, status_counts
-from bench.server import HOST, ROOT, ServerSpec, free_port, running
-from service.tasks import fib
+from bench.processes import cpu_seconds, dask_cluster, fib_n_for, listening_pid, metric, remote_api
+from bench.server import running
 
 IDLE_SECONDS = 3.0
-DASK = Path(sys.executable).parent / "dask"
 
 
 def cheap_n(seconds: float = 0.001) -> int:
     """The smallest n whose fib(n) takes ``seconds`` here: cheap, yet above INLINE_MAX_COST's default."""
-    n = 10
-    while True:
-        start = time.perf_counter()
-        fib(n)
-        if time.perf_counter() - start >= seconds:
-            return n
-        n += 1
-
-
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
-
-
-@contextlib.contextmanager
-def dask_cluster(workers: int, log_dir: Path) -> Iterator[tuple[str, int]]:
-    """A scheduler and ``workers`` single-threaded workers; yields (address, scheduler pid)."""
-    port = free_port()
-    address = f"tcp://{HOST}:{port}"
-    procs = []
-    with open(log_dir / "dask.log", "wb") as log:
-        def spawn(*args: str) -> subprocess.Popen[bytes]:
-            proc = subprocess.Popen([str(DASK), *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            procs.append(proc)
-            return proc
-
-        try:
-            scheduler = spawn("scheduler", "--host", HOST, "--port", str(port), "--no-dashboard")
-            for _ in range(workers):
-                spawn("worker", address, "--nthreads", "1", "--no-dashboard", "--host", HOST)
-            yield address, scheduler.pid
-        finally:
-            for proc in reversed(procs):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 15)
-            for proc in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(10)
-
-
-def _metric(text: str, name: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and not sample.labels:
-                return sample.value
-    return math.nan
+    return fib_n_for(seconds)
 
 
 async def phase(url: str, scheduler_pid: int, api_pid: int, n: int, rate: float, seconds: float) -> dict[str, Any]:
@@ -111,7 +56,7 @@ async def phase(url: str, scheduler_pid: int, api_pid: int, n: int, rate: float,
         after_metrics = await driver.text("/metrics")
     ok = sum(s.status == 200 for s in fib_samples)
     counter = "compute_api_dask_tasks_total"
-    tasks = _metric(after_metrics, counter) - _metric(before_metrics, counter)
+    tasks = metric(after_metrics, counter) - metric(before_metrics, counter)
     fast_ms = sorted(s.latency * 1000 for s in fast_samples)
     return {
         "statuses": status_counts(fib_samples),
@@ -135,22 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=None, help="fib(n) per request (default: ~1 ms here)")
     args = parser.parse_args(argv)
     n = args.n if args.n is not None else cheap_n()
-    with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp, dask_cluster(args.workers, Path(tmp)) as (
-        address, scheduler_pid
-    ):
+    with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp, dask_cluster(args.workers, Path(tmp)) as cluster:
         rows = {}
         for label, size in (("batched (BATCH_MAX_SIZE=16)", "16"), ("unbatched (BATCH_MAX_SIZE=1)", "1")):
-            spec = ServerSpec(
-                "compute-api", label,
-                (sys.executable, "-m", "service", "serve", "--port", "{port}", "--log-level", "warning"),
-                "/readyz",
-                env={"DASK_SCHEDULER_ADDRESS": address, "BATCH_MAX_SIZE": size, "INLINE_MAX_COST": "0",
-                     "COALESCE": "false", "FIB_MAX_N": "40"},
-            )
+            spec = remote_api(label, {"DASK_SCHEDULER_ADDRESS": cluster.address, "BATCH_MAX_SIZE": size})
             with running(spec, args.workers, Path(tmp)) as url:
-                api_pid = next(c.pid for c in psutil.net_connections("tcp")
-                               if c.status == "LISTEN" and c.laddr.port == int(url.rsplit(":", 1)[1]))
-                rows[label] = asyncio.run(phase(url, scheduler_pid, api_pid, n, args.rate, args.seconds))
+                rows[label] = asyncio.run(phase(url, cluster.scheduler_pid, listening_pid(url), n, args.rate,
+                                                args.seconds))
             print(f"{label}: " + ", ".join(
                 f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[label].items()), flush=True)
     print(f"\nfib({n}) at {args.rate:g} req/s for {args.seconds:g} s, {args.workers} single-threaded workers, "

@@ -216,12 +216,23 @@ class Driver:
 
         Arrivals are evenly spaced (not Poisson) so every server sees exactly the same load.
         """
+        return [sample for _, sample, _ in await self.open_loop_bodies([path], rate, duration, timeout)]
+
+    async def open_loop_bodies(
+        self, paths: Sequence[str], rate: float, duration: float, timeout: float
+    ) -> list[tuple[str, Sample, bytes]]:
+        """``open_loop`` over ``paths`` in turn, keeping each answer's path and body (to check values)."""
         loop = asyncio.get_running_loop()
         start, interval = loop.time(), 1.0 / rate
-        tasks: list[asyncio.Task[Sample]] = []
+
+        async def one(path: str) -> tuple[str, Sample, bytes]:
+            sample, body = await self.fetch(path, timeout)
+            return path, sample, body
+
+        tasks: list[asyncio.Task[tuple[str, Sample, bytes]]] = []
         for k in range(math.ceil(rate * duration)):
             delay = start + k * interval - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(self.get(path, timeout)))
+            tasks.append(asyncio.create_task(one(paths[k % len(paths)])))
         return list(await asyncio.gather(*tasks))

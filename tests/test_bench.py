@@ -99,3 +99,28 @@ def test_batching_bench_measures_both_runs() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| batched") or line.startswith("| unbatched")]
     assert len(rows) == 2, done.stdout
     assert done.stdout.count("statuses {'200': 50}") == 2, done.stdout
+
+
+@pytest.mark.timeout(180)
+def test_capacity_bench_measures_every_process(tmp_path: Path) -> None:
+    # `python -m bench capacity` on a tiny load: a few requests/s of ~1 ms and of ~20 ms work (sized
+    # by the bench from this machine), a few percent of one worker. Behaviour only: every request is
+    # answered with the right value, both cells get requests, every process's CPU is measured.
+    figures = tmp_path / "capacity.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "capacity", "--rate", "20", "--heavy-rate", "2", "--seconds", "2",
+         "--json", str(figures)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(figures.read_text())
+    assert sorted(results["runs"]) == ["cheap/1", "cheap/2", "heavy/1", "heavy/2"]
+    for key, row in results["runs"].items():
+        assert row["offered"] == row["rate"] * 2 and row["answered"] == row["offered"], (key, row)
+        assert row["wrong"] == 0 and row["failed"] == 0, (key, row)
+        assert row["api_ms"] > 0 and row["worker_ms"] > 0, (key, row)
+        assert len(row["scheduler_ms"]) == row["cells"] and all(ms > 0 for ms in row["scheduler_ms"]), (key, row)
+        # Placement split the requests over the cells as the bench intended: half each.
+        assert row["cell_computations"] == [row["answered"] / row["cells"]] * row["cells"], (key, row)
+    assert results["model"]["sizing"]["cells"] >= 1
+    assert "| load | cells |" in done.stdout and "Target: each of 2 cells' schedulers" in done.stdout

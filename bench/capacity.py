@@ -1,0 +1,226 @@
+"""CPU per request of each process, with one cell and with two (``python -m bench capacity``).
+
+Real processes: Dask cells (a ``dask scheduler`` with single-threaded ``dask worker`` processes each)
+and ``compute-api serve`` in remote mode, first on one cell with all the workers, then on two cells
+with half of them each (``SCHEDULER_ADDRESSES=A,B``): the same hardware, split. Each runs the same
+two loads at a fixed open-loop rate: cheap ``/fib/{n}`` requests (fib(n) about 1 ms of work here)
+and heavier ones at a lower rate (fib(n) about 20 ms, so about 25 ms on average with fib(n+1)). The
+CPU time of the API, of each scheduler and of each worker (nanny included) comes from the OS; every
+answer's value is checked. The figures feed the capacity model (``bench/capacity_model.py``), and
+each scheduler's CPU with two cells is compared with the lone scheduler's (issue 12's target: at
+most 55 %). Prints figures; never fails on a target.
+
+Requests alternate between fib(n) and fib(n+1), which rendezvous hashing places on different cells
+(the schedulers' ports are chosen so), so both cells get the same number of requests; the one-cell
+run gets the very same requests. A scheduler's CPU follows its Dask tasks, not the requests: with
+micro-batching, "requests/Dask task" says how many requests shared one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.capacity_model import HEADROOM, Profile, capacity_model
+from bench.driver import Driver, latency_ms, status_counts
+from bench.processes import Cluster, cpu_seconds, dask_cluster, fib_n_for, listening_pid, metric, remote_api
+from bench.server import HOST, free_port, running
+from service.cells import rank
+from service.tasks import fib
+
+IDLE_SECONDS = 3.0
+TARGET_SHARE = 0.55  # issue 12: each of 2 cells' schedulers at most 55 % of one scheduler alone
+EXAMPLE_LOAD = {"cheap": 2000.0, "heavy": 200.0}  # the README's worked sizing example
+
+
+def balanced_ports(ns: Sequence[int], tries: int = 1000) -> tuple[int, int]:
+    """Two free ports for the cells' schedulers such that, for each n in ``ns``, fib(n) and fib(n+1)
+    prefer different cells: requests alternating between them load both cells alike, at about the
+    same cost. (Placement hashes the cell's address and the key ("fib", (n,)); adjacent n are the
+    closest costs there are, so the ports are chosen rather than the n.)"""
+    for _ in range(tries):
+        ports = free_port(), free_port()
+        addresses = [f"tcp://{HOST}:{p}" for p in ports]
+        if ports[0] != ports[1] and all(
+            rank(("fib", (n,)), addresses)[0] != rank(("fib", (n + 1,)), addresses)[0] for n in ns
+        ):
+            return ports
+    raise RuntimeError(f"no pair of ports splits {list(ns)} over two cells in {tries} tries")
+
+
+def _cell_computations(text: str, cells: int) -> list[float]:
+    return [metric(text, "compute_api_cell_computations_total", cell=str(i)) for i in range(cells)]
+
+
+async def phase(
+    url: str, api_pid: int, clusters: Sequence[Cluster], ns: Sequence[int], rate: float, seconds: float
+) -> dict[str, Any]:
+    """``rate`` requests/s over ``ns`` for ``seconds``: CPU ms per answered request of each process."""
+    paths = [f"/fib/{n}" for n in ns]
+    expected = {f"/fib/{n}": fib(n) for n in set(ns)}
+    async with Driver(url) as driver:
+        for path in paths:  # warm the connections, the cost model and the workers
+            await driver.burst(path, 5)
+        before = await driver.text("/metrics")
+        # The schedulers' housekeeping (heartbeats, the Client's polls), paid with or without requests.
+        idle0 = [cpu_seconds(c.scheduler_pid) for c in clusters]
+        await asyncio.sleep(IDLE_SECONDS)
+        idle = [(cpu_seconds(c.scheduler_pid) - i) / IDLE_SECONDS for c, i in zip(clusters, idle0, strict=True)]
+
+        def snapshot() -> dict[str, Any]:
+            return {"api": cpu_seconds(api_pid), "schedulers": [cpu_seconds(c.scheduler_pid) for c in clusters],
+                    "workers": sum(cpu_seconds(pid) for c in clusters for pid in c.worker_pids),
+                    "driver": time.process_time()}
+
+        start = snapshot()
+        answers = await driver.open_loop_bodies(paths, rate, seconds, timeout=30)
+        end = snapshot()
+        after = await driver.text("/metrics")
+    ok = wrong = 0
+    for path, sample, body in answers:
+        if sample.status == 200:
+            if json.loads(body).get("value") == expected[path]:
+                ok += 1
+            else:
+                wrong += 1
+    per = 1000 / max(ok, 1)  # CPU seconds -> ms per answered request
+    schedulers = [e - s for s, e in zip(start["schedulers"], end["schedulers"], strict=True)]
+    computations = [a - b for a, b in zip(_cell_computations(after, len(clusters)),
+                                          _cell_computations(before, len(clusters)), strict=True)]
+    return {
+        "ns": list(ns),
+        "offered": len(answers),
+        "answered": ok,
+        "wrong": wrong,
+        "failed": len(answers) - ok - wrong,
+        "statuses": status_counts(s for _, s, _ in answers),
+        "latency_ms": latency_ms(s for _, s, _ in answers),
+        "cell_computations": computations,
+        "requests_per_task": ok / max(metric(after, "compute_api_dask_tasks_total")
+                                      - metric(before, "compute_api_dask_tasks_total"), 1),
+        "api_ms": (end["api"] - start["api"]) * per,
+        "scheduler_cpu_s": schedulers,
+        "scheduler_idle_ms_per_s": [1000 * i for i in idle],
+        "scheduler_ms": [cpu * per for cpu in schedulers],
+        "scheduler_net_ms": [(cpu - i * seconds) * per for cpu, i in zip(schedulers, idle, strict=True)],
+        "worker_ms": (end["workers"] - start["workers"]) * per,
+        "driver_ms": (end["driver"] - start["driver"]) * per,
+    }
+
+
+def _measure(
+    cells: int, env: dict[str, str], clusters: Sequence[Cluster], sizes: dict[str, tuple[int, float]],
+    seconds: float, log_dir: Path, results: dict[str, Any],
+) -> None:
+    with running(remote_api(f"{cells} cell(s)", env), 0, log_dir) as url:
+        api_pid = listening_pid(url)
+        for size, (n, size_rate) in sizes.items():
+            row = asyncio.run(phase(url, api_pid, clusters, (n, n + 1), size_rate, seconds))
+            row.update(size=size, cells=cells, rate=size_rate)
+            results["runs"][f"{size}/{cells}"] = row
+            print(f"{size}, {cells} cell(s): {row['statuses']}, api {row['api_ms']:.2f} ms, "
+                  f"schedulers {[round(x, 2) for x in row['scheduler_ms']]} ms, "
+                  f"workers {row['worker_ms']:.2f} ms per request", flush=True)
+
+
+def run(rate: float, heavy_rate: float, seconds: float, workers: int, log_dir: Path) -> dict[str, Any]:
+    """One cell with ``workers`` workers, then two cells with half as many each: the same hardware
+    and the same requests, only split in two cells."""
+    sizes = {"cheap": (fib_n_for(0.001), rate), "heavy": (fib_n_for(0.020), heavy_rate)}
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(),
+                               "load_average": os.getloadavg()[0], "seconds": seconds,
+                               "workers": workers, "runs": {}}
+    with dask_cluster(workers, log_dir, "cell-alone") as alone:
+        _measure(1, {"DASK_SCHEDULER_ADDRESS": alone.address}, (alone,), sizes, seconds, log_dir, results)
+    ports = balanced_ports([n for n, _ in sizes.values()])
+    half = max(1, workers // 2)
+    with (dask_cluster(half, log_dir, "cell-a", ports[0]) as a,
+          dask_cluster(half, log_dir, "cell-b", ports[1]) as b):
+        env = {"SCHEDULER_ADDRESSES": f"{a.address},{b.address}"}
+        _measure(2, env, (a, b), sizes, seconds, log_dir, results)
+    for size in sizes:
+        alone = results["runs"][f"{size}/1"]
+        pair = results["runs"][f"{size}/2"]
+        pair["scheduler_share"] = [cpu / alone["scheduler_cpu_s"][0] for cpu in pair["scheduler_cpu_s"]]
+        pair["scheduler_net_share"] = [ms / alone["scheduler_net_ms"][0] for ms in pair["scheduler_net_ms"]]
+    profiles = {size: profile(results["runs"][f"{size}/1"]) for size in sizes}
+    per_size, sizing = capacity_model(profiles, EXAMPLE_LOAD)
+    results["model"] = {"headroom": HEADROOM, "profiles": {k: asdict(v) for k, v in profiles.items()},
+                        "rates": {k: asdict(v) for k, v in per_size.items()},
+                        "example_load": EXAMPLE_LOAD, "sizing": asdict(sizing) if sizing else None}
+    return results
+
+
+def profile(row: dict[str, Any]) -> Profile:
+    """The model's input from a one-cell run (floored at a microsecond: an idle-dominated net figure
+    can come out at or below zero on a noisy machine)."""
+    return Profile(api_ms=max(row["api_ms"], 1e-3), scheduler_ms=max(row["scheduler_net_ms"][0], 1e-3),
+                   worker_ms=max(row["worker_ms"], 1e-3), scheduler_idle_ms_per_s=row["scheduler_idle_ms_per_s"][0])
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "| load | cells | answered/s (failed, wrong) | API ms/req | scheduler ms/req (less idle) | "
+        "worker ms/req | requests/Dask task | scheduler CPU vs alone (less idle) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in results["runs"].values():
+        fibs = "/".join(str(n) for n in row["ns"])
+        schedulers = ", ".join(f"{t:.2f} ({n:.2f})" for t, n in zip(row["scheduler_ms"], row["scheduler_net_ms"],
+                                                                      strict=True))
+        share = ", ".join(f"{s:.0%} ({t:.0%})" for s, t in zip(row.get("scheduler_share", [1.0]),
+                                                                 row.get("scheduler_net_share", [1.0]), strict=True))
+        lines.append(f"| {row['rate']:g}/s fib({fibs}) | {row['cells']} | "
+                     f"{row['answered'] / results['seconds']:.0f} ({row['failed']}, {row['wrong']}) | "
+                     f"{row['api_ms']:.2f} | {schedulers} | {row['worker_ms']:.2f} | "
+                     f"{row['requests_per_task']:.1f} | {share} |")
+    model = results["model"]
+    lines.append("")
+    lines.append(f"Capacity model, one core per process at {model['headroom']:.0%} (requests/s):")
+    lines.append("")
+    lines.append("| load | per API pod | per scheduler (= per cell) | per worker | workers per cell |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for size, r in model["rates"].items():
+        lines.append(f"| {size} | {r['api_pod']:.0f} | {r['scheduler']:.0f} | {r['worker']:.0f} | "
+                     f"{r['workers_per_cell']} |")
+    s = model["sizing"]
+    load = ", ".join(f"{rate:g} {size}/s" for size, rate in model["example_load"].items())
+    lines.append("")
+    lines.append(f"For {load}: {s['api_replicas']} API replicas ({s['api_cores']:.2f} cores), {s['cells']} cells "
+                 f"({s['scheduler_cores']:.2f} scheduler cores), {s['workers']} workers = {s['workers_per_cell']} "
+                 f"per cell ({s['worker_cores']:.2f} cores).")
+    shares = [x for size in ("cheap", "heavy") for x in results["runs"][f"{size}/2"]["scheduler_share"]]
+    lines.append(f"Target: each of 2 cells' schedulers <= {TARGET_SHARE:.0%} of one alone: "
+                 f"{'MET' if max(shares) <= TARGET_SHARE else 'MISSED'} (worst {max(shares):.0%}).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench capacity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=200.0, help="cheap requests per second (open loop)")
+    parser.add_argument("--heavy-rate", type=float, default=10.0, help="heavy requests per second (open loop)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load per run")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="single-threaded Dask workers in all (one cell: all of them; two cells: half each)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
+        results = run(args.rate, args.heavy_rate, args.seconds, args.workers, Path(tmp))
+    print(f"\n{results['date']}, {results['cores']} cores, load average {results['load_average']:.1f} before, "
+          f"{args.seconds:g} s per run, {args.workers} single-threaded workers in all\n")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

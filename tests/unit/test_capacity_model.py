@@ -1,0 +1,54 @@
+"""The capacity model's arithmetic (bench/capacity_model.py): rates per process and a sizing."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.capacity_model import Profile, capacity_model, rates
+
+CHEAP = Profile(api_ms=0.5, scheduler_ms=0.4, worker_ms=1.4, scheduler_idle_ms_per_s=20)
+HEAVY = Profile(api_ms=0.8, scheduler_ms=1.5, worker_ms=35.0)
+
+
+def test_rates_are_the_headroom_of_one_core_over_cpu_per_request() -> None:
+    r = rates(CHEAP, headroom=0.7)
+    assert r.api_pod == pytest.approx(700 / 0.5)
+    assert r.scheduler == pytest.approx((700 - 20) / 0.4)  # housekeeping comes off the budget first
+    assert r.worker == pytest.approx(700 / 1.4)
+    assert r.workers_per_cell == 4  # 1,700/s of scheduler need ceil(1700 / 500) workers
+
+
+def test_a_mix_adds_cpu_per_role_and_rounds_each_up() -> None:
+    per_size, sizing = capacity_model({"cheap": CHEAP, "heavy": HEAVY}, {"cheap": 2000, "heavy": 200}, 0.7)
+    assert set(per_size) == {"cheap", "heavy"}
+    assert sizing is not None
+    assert sizing.api_cores == pytest.approx(2000 * 0.5e-3 + 200 * 0.8e-3)  # 1.16 cores
+    assert sizing.api_replicas == 2  # ceil(1.16 / 0.7)
+    assert sizing.scheduler_cores == pytest.approx(0.8 + 0.3)
+    assert sizing.cells == 2  # ceil(1.1 / (0.7 - 0.02))
+    assert sizing.worker_cores == pytest.approx(2.8 + 7.0)
+    assert sizing.workers_per_cell == 7  # ceil(ceil(9.8 / 0.7) / 2)
+    assert sizing.workers == 14
+
+
+def test_a_small_load_still_gets_one_of_each() -> None:
+    _, sizing = capacity_model({"cheap": CHEAP}, {"cheap": 1})
+    assert sizing is not None and (sizing.api_replicas, sizing.cells, sizing.workers) == (1, 1, 1)
+
+
+def test_without_a_load_there_is_no_sizing() -> None:
+    assert capacity_model({"cheap": CHEAP})[1] is None
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: Profile(0, 1, 1), "api_ms"),
+        (lambda: capacity_model({"cheap": CHEAP}, {"heavy": 1}), "heavy"),
+        (lambda: capacity_model({"cheap": CHEAP}, headroom=1.5), "headroom"),
+        (lambda: capacity_model({"c": Profile(1, 1, 1, scheduler_idle_ms_per_s=800)}, {"c": 1}), "housekeeping"),
+    ],
+)
+def test_bad_input_names_what_is_wrong(call, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=message):
+        call()
