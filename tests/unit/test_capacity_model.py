@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
+from bench.capacity import share
 from bench.capacity_model import Profile, capacity_model, rates
 
 CHEAP = Profile(api_ms=0.5, scheduler_ms=0.4, worker_ms=1.4, scheduler_idle_ms_per_s=20)
@@ -52,3 +55,8 @@ def test_without_a_load_there_is_no_sizing() -> None:
 def test_bad_input_names_what_is_wrong(call, message: str) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_share_of_nothing_is_not_a_number_not_a_crash() -> None:
+    # A tiny load's lone scheduler, less its housekeeping, can measure 0 ms (10 ms CPU ticks).
+    assert math.isnan(share(0.5, 0.0)) and share(1.0, 2.0) == 0.5
