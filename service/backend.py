@@ -45,7 +45,7 @@ from distributed import Client
 
 from service import functions, tasks
 from service.batching import Batch, Batcher, BatchLimits
-from service.cells import Cell, failover, place
+from service.cells import Cell, computation_key, failover, place
 from service.config import Settings
 from service.connection import SchedulerConnection
 from service.cost import CostModel
@@ -226,7 +226,7 @@ class Backend:
     ) -> Any:
         task = self.registry[name]  # KeyError: only registered functions can ever be submitted
         cost = self.costs[name]
-        key = (name, arg)
+        key = computation_key(name, arg)
         self._observe_capacities()
         index, decision = place(key, cost.local(arg), cost.estimate(arg), self.cells)
         if isinstance(decision, Reject) and decision.reason == "no_workers":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from service.inflight import Capacity, Computation, Decision, InFlight, Reject
 
@@ -53,6 +54,12 @@ def _score(cell: str, key: Hashable) -> int:
     # identical requests from several replicas meet in one cell.
     digest = hashlib.blake2b(f"{cell}\0{key!r}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+def computation_key(name: str, args: tuple[Any, ...]) -> Hashable:
+    """What placement ranks (and coalescing matches) a computation by: its function's name and its
+    canonical validated arguments. Tools that predict placement (the bench, e2e) use this too."""
+    return (name, args)
 
 
 def rank(key: Hashable, names: Sequence[str]) -> list[int]:
