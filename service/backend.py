@@ -129,7 +129,8 @@ class Backend:
         ]
         self._cell_of: dict[Computation, int] = {}  # which cell's table holds a running computation
         self.batch_limits = BatchLimits(settings.batch_max_size, settings.batch_max_cost, settings.batch_linger)
-        self._batchers: dict[tuple[int, str], Batcher[_Member]] = {}  # per cell and function
+        # Per cell, then per function: a task's end looks at its own cell's batchers only.
+        self._batchers: list[dict[str, Batcher[_Member]]] = [{} for _ in addresses]
         self._lingers: dict[tuple[int, str], asyncio.TimerHandle] = {}
         self._tasks = [0] * len(addresses)  # Dask tasks in flight per cell (a batch is one)
         self._batch_runs: set[asyncio.Future[None]] = set()
@@ -309,9 +310,10 @@ class Backend:
 
     def _batcher(self, index: int, task: functions.Function) -> Batcher[_Member]:
         # One per cell and function: a batch is one function over several arguments.
-        batcher = self._batchers.get((index, task.name))
+        batchers = self._batchers[index]
+        batcher = batchers.get(task.name)
         if batcher is None:
-            batcher = self._batchers[(index, task.name)] = Batcher(self.batch_limits)
+            batcher = batchers[task.name] = Batcher(self.batch_limits)
         return batcher
 
     def _submit(self, index: int, func: Callable[..., Any], *args: Any, key: str, priority: int) -> Any:
@@ -373,8 +375,8 @@ class Backend:
         """A Dask task of cell ``index`` ended: a freed thread takes the pending batches now."""
         self._tasks[index] -= 1
         threads = self.cells[index].capacity.threads
-        for (cell, name), batcher in self._batchers.items():
-            if cell == index and (batch := batcher.freed(threads, self._tasks[index])) is not None:
+        for name, batcher in self._batchers[index].items():
+            if (batch := batcher.freed(threads, self._tasks[index])) is not None:
                 self._send(index, self.registry[name], [batch])
 
     def _arm_linger(self, index: int, task: functions.Function) -> None:
