@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from distributed import get_worker
+from lookalike import fib_like
 from pydantic import Field
 
-from service.functions import build
-from service.tasks import PHI, fib
+from service.tasks import fib
 
 
 def fib_or_fail(n: Annotated[int, Field(ge=0, le=90)]) -> int:
@@ -26,4 +26,4 @@ def fib_or_fail(n: Annotated[int, Field(ge=0, le=90)]) -> int:
     return fib(n)
 
 
-FAILING = build(fib_or_fail, name="fib", cost=lambda n: PHI**n, calibration={"n": 20})
+FAILING = fib_like(fib_or_fail)

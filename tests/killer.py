@@ -10,10 +10,10 @@ import os
 from typing import Annotated
 
 from distributed import get_worker
+from lookalike import fib_like
 from pydantic import Field
 
-from service.functions import build
-from service.tasks import PHI, fib
+from service.tasks import fib
 
 
 def fib_or_die(n: Annotated[int, Field(ge=0, le=90)]) -> int:
@@ -26,4 +26,4 @@ def fib_or_die(n: Annotated[int, Field(ge=0, le=90)]) -> int:
     os._exit(1)  # like a segfault or the OOM killer: no exception, no clean shutdown
 
 
-KILLER = build(fib_or_die, name="fib", cost=lambda n: PHI**n, calibration={"n": 20})
+KILLER = fib_like(fib_or_die)
