@@ -34,17 +34,12 @@ from bench.capacity_model import HEADROOM, Profile, capacity_model
 from bench.driver import Driver, latency_ms, status_counts
 from bench.processes import Cluster, cpu_seconds, dask_cluster, fib_n_for, listening_pid, metric, remote_api
 from bench.server import HOST, free_port, running
-from service.cells import computation_key, rank
+from service.cells import preferred_cell
 from service.tasks import fib
 
 IDLE_SECONDS = 3.0
 TARGET_SHARE = 0.55  # issue 12: each of 2 cells' schedulers at most 55 % of one scheduler alone
 EXAMPLE_LOAD = {"cheap": 2000.0, "heavy": 200.0}  # the README's worked sizing example
-
-
-def first(n: int, addresses: list[str]) -> int:
-    """The cell the API prefers for fib(n) (service.cells: rendezvous hashing)."""
-    return rank(computation_key("fib", (n,)), addresses)[0]
 
 
 def balanced_ports(ns: Sequence[int], tries: int = 1000) -> tuple[int, int]:
@@ -56,7 +51,7 @@ def balanced_ports(ns: Sequence[int], tries: int = 1000) -> tuple[int, int]:
         ports = free_port(), free_port()
         addresses = [f"tcp://{HOST}:{p}" for p in ports]
         if ports[0] != ports[1] and all(
-            first(n, addresses) != first(n + 1, addresses) for n in ns
+            preferred_cell("fib", (n,), addresses) != preferred_cell("fib", (n + 1,), addresses) for n in ns
         ):
             return ports
     raise RuntimeError(f"no pair of ports splits {list(ns)} over two cells in {tries} tries")

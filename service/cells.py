@@ -16,6 +16,9 @@ A request meets the decisions in this order (``place``):
 
 A computation whose cell loses its scheduler moves to the next cell in the same order that can serve
 (``failover``): compute functions are pure, so running one again elsewhere is safe.
+
+Tools outside the API that need to know where a computation goes (the bench, the e2e scenarios) ask
+``preferred_cell``: the cell of step 2, the same ranking the API uses.
 """
 
 from __future__ import annotations
@@ -58,13 +61,19 @@ def _score(cell: str, key: Hashable) -> int:
 
 def computation_key(name: str, args: tuple[Any, ...]) -> Hashable:
     """What placement ranks (and coalescing matches) a computation by: its function's name and its
-    canonical validated arguments. Tools that predict placement (the bench, e2e) use this too."""
+    canonical validated arguments."""
     return (name, args)
 
 
 def rank(key: Hashable, names: Sequence[str]) -> list[int]:
     """The cells' indices in the key's order of preference (rendezvous hashing)."""
     return sorted(range(len(names)), key=lambda i: _score(names[i], key), reverse=True)
+
+
+def preferred_cell(name: str, args: tuple[Any, ...], addresses: Sequence[str]) -> str:
+    """The scheduler address of the cell that computes ``name(*args)`` while every cell can serve and
+    takes it: the one prediction of placement for tools outside the API (the bench, e2e)."""
+    return addresses[rank(computation_key(name, args), addresses)[0]]
 
 
 def place(key: Hashable, local_cost: float, cost: float, cells: Sequence[Cell]) -> tuple[int, Decision]:

@@ -22,7 +22,7 @@ from sizing import fib_n_lasting
 from e2e.conftest import E2E_VALUES, NAMESPACE, RELEASE, started_cluster
 from e2e.load import LoadDriver, Results, record
 from e2e.runner import Cluster, HelperImages, image_values
-from service.cells import computation_key, rank
+from service.cells import preferred_cell
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
 
@@ -61,8 +61,7 @@ def fib_window(cluster: Cluster, low: int, width: int = 3) -> int:
     addresses = env_of(cluster.api_deployment["spec"]["template"]["spec"]["containers"][0])["SCHEDULER_ADDRESSES"]
     names = addresses.split(",")
     for start in sorted(range(max(1, low - 4), low + 5), key=lambda n: abs(n - low)):
-        preferred = {rank(computation_key("fib", (n,)), names)[0] for n in range(start, start + width)}
-        if preferred == set(range(len(names))):
+        if {preferred_cell("fib", (n,), names) for n in range(start, start + width)} == set(names):
             return start
     raise AssertionError(f"no {width} consecutive n near {low} spread over the cells {names}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from service.cells import Cell, failover, place, rank
+from service.cells import Cell, computation_key, failover, place, preferred_cell, rank
 from service.inflight import Admit, Capacity, InFlight, Inline, Join, Limits, Reject
 
 NAMES = ("tcp://cell-a:8786", "tcp://cell-b:8786", "tcp://cell-c:8786")
@@ -40,6 +40,14 @@ def test_a_request_is_admitted_by_its_preferred_cell() -> None:
     index, decision = place(("fib", 30), 1.0, 1.0, group)
     assert index == rank(("fib", 30), NAMES)[0] and isinstance(decision, Admit)
     assert len(group[index].inflight) == 1 and sum(len(c.inflight) for c in group) == 1
+
+
+def test_the_predicted_cell_is_where_idle_cells_admit_a_computation() -> None:
+    # What the bench and the e2e scenarios rely on to load chosen cells.
+    for n in range(60):
+        index, decision = place(computation_key("fib", (n,)), 1.0, 1.0, cells(*NAMES))
+        assert isinstance(decision, Admit) and NAMES[index] == preferred_cell("fib", (n,), NAMES)
+    assert {preferred_cell("fib", (n,), NAMES) for n in range(60)} == set(NAMES)
 
 
 def test_cheap_work_runs_inline_whatever_the_cells_state() -> None:
