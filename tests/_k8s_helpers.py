@@ -321,9 +321,15 @@ def operator_pods(daskcluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def dask_pod_key(cluster: str, role: str) -> str:
+    """pod_templates()'s key for a DaskCluster's scheduler or worker pod."""
+    return f"DaskCluster/{cluster}/{role}"
+
+
 def pod_templates(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Every pod the manifests will produce, keyed by a readable name: workload templates, bare
-    Pods (helm test hook) and the operator-built DaskCluster pods."""
+    Pods (helm test hook) and the operator-built pods of every DaskCluster (one per cell, keyed
+    by its name as well: ``dask_pod_key``)."""
     pods: dict[str, dict[str, Any]] = {}
     for doc in documents:
         kind, name = doc["kind"], doc["metadata"]["name"]
@@ -333,7 +339,7 @@ def pod_templates(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             pods[f"Pod/{name}"] = {"metadata": doc["metadata"], "spec": doc["spec"]}
         elif kind == "DaskCluster":
             for role, pod in operator_pods(doc).items():
-                pods[f"DaskCluster/{role}"] = pod  # one DaskCluster per release
+                pods[dask_pod_key(name, role)] = pod
     return pods
 
 

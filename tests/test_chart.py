@@ -28,6 +28,7 @@ from _k8s_helpers import (
     as_applied,
     assert_restricted,
     by_kind,
+    dask_pod_key,
     env_of,
     expand,
     helm,
@@ -506,9 +507,10 @@ def _namespaces_allowed(policy: dict[str, Any], port_name: str) -> set[str]:
 
 def test_network_policies_select_the_pods_they_mean(default_render: list[dict[str, Any]]) -> None:
     pods = pod_templates(default_render)
+    cell = daskcluster(default_render)["metadata"]["name"]
     api = pods["Deployment/compute-api"]["metadata"]["labels"]
-    scheduler = pods["DaskCluster/scheduler"]["metadata"]["labels"]
-    worker = pods["DaskCluster/worker"]["metadata"]["labels"]
+    scheduler = pods[dask_pod_key(cell, "scheduler")]["metadata"]["labels"]
+    worker = pods[dask_pod_key(cell, "worker")]["metadata"]["labels"]
     helm_test = pods["Pod/compute-api-test-api"]["metadata"]["labels"]
     everyone = {"api": api, "scheduler": scheduler, "worker": worker, "helm-test": helm_test}
     selects = {
@@ -556,8 +558,9 @@ def test_network_policies_select_the_pods_they_mean(default_render: list[dict[st
 
 def test_workers_reach_only_dns_the_scheduler_and_each_other(default_render: list[dict[str, Any]]) -> None:
     pods = pod_templates(default_render)
-    scheduler = pods["DaskCluster/scheduler"]["metadata"]["labels"]
-    worker = pods["DaskCluster/worker"]["metadata"]["labels"]
+    cell = daskcluster(default_render)["metadata"]["name"]
+    scheduler = pods[dask_pod_key(cell, "scheduler")]["metadata"]["labels"]
+    worker = pods[dask_pod_key(cell, "worker")]["metadata"]["labels"]
     api = pods["Deployment/compute-api"]["metadata"]["labels"]
     (dns,) = _policy(default_render, "-worker")["spec"]["egress"]
     to_pods = _policy(default_render, "-worker-peers")["spec"]["egress"]
@@ -891,10 +894,11 @@ def test_priority_class_and_pod_metadata_reach_every_role() -> None:
         "dask.worker.podAnnotations.note=x",
     ])
     pods = pod_templates(rendered)
-    for name in ("Deployment/compute-api", "DaskCluster/scheduler", "DaskCluster/worker"):
+    cell = daskcluster(rendered)["metadata"]["name"]
+    for name in ("Deployment/compute-api", dask_pod_key(cell, "scheduler"), dask_pod_key(cell, "worker")):
         assert pods[name]["spec"]["priorityClassName"] == "critical", name
         assert pods[name]["metadata"]["labels"]["team"] == "ml", name
-    assert pods["DaskCluster/worker"]["metadata"]["annotations"] == {"note": "x"}
+    assert pods[dask_pod_key(cell, "worker")]["metadata"]["annotations"] == {"note": "x"}
     validate_all(rendered)
 
 
@@ -1111,6 +1115,9 @@ def test_cells_are_identical_clusters_the_api_places_requests_on() -> None:
     (digest,) = {name.rsplit("-", 1)[1] for name in names}
     assert names == [f"compute-api-c0-{digest}", f"compute-api-c1-{digest}"]
     daskcluster(documents)  # identical but for their names
+    # every cell's pods, not only the last cell's (pod_templates keys them by cluster name too)
+    assert {key for key in pod_templates(documents) if key.startswith("DaskCluster/")} == {
+        dask_pod_key(name, role) for name in names for role in ("scheduler", "worker")}
     assert [a["spec"]["cluster"] for a in by_kind(documents, "DaskAutoscaler")] == names
     assert [a.split("//")[1].split("-scheduler.")[0] for a in scheduler_addresses(documents)] == names
     for cluster in daskclusters(documents):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from _k8s_helpers import CHART, built_image, helm_template, podman
 
+from e2e.cells import CELLS
 from e2e.load import SUMMARY, summary_table
 from e2e.runner import Cluster, HelperImages, build_helper_images, image_values
 
@@ -40,8 +41,8 @@ def helper_images(image: str) -> HelperImages:
     return build_helper_images()  # from the base the project's image was built on: after ``image``
 
 
-def render(values: Path, image: str) -> list[dict]:
-    return helm_template(values, release=RELEASE, namespace=NAMESPACE, set_values=image_values(image),
+def render(values: Path, image: str, set_values: list[str] = ()) -> list[dict]:
+    return helm_template(values, release=RELEASE, namespace=NAMESPACE, set_values=[*image_values(image), *set_values],
                          include_hooks=False)
 
 
@@ -59,6 +60,14 @@ def started_cluster(documents: list[dict], workdir: Path, images: HelperImages,
 @pytest.fixture(scope="module")
 def cluster(image: str, helper_images: HelperImages, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     yield from started_cluster(render(E2E_VALUES, image), tmp_path_factory.mktemp("e2e"), helper_images)
+
+
+@pytest.fixture(scope="module")
+def cells(image: str, helper_images: HelperImages, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """ci/e2e-values.yaml with `dask.cells: 2`: two DaskClusters (each with its own DaskAutoscaler),
+    both schedulers in the API's SCHEDULER_ADDRESSES. One per module, like ``cluster``."""
+    documents = render(E2E_VALUES, image, [f"dask.cells={CELLS}"])
+    yield from started_cluster(documents, tmp_path_factory.mktemp("cells"), helper_images)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -334,7 +334,8 @@ class Cluster:
         """A current DaskCluster's workers, by default the first cell's (during an upgrade, the old
         cluster's still drain)."""
         prefix = f"{cluster or self.cluster_name}-default-"
-        return [p for p in self.pods.values() if p.role == "worker" and p.name.startswith(prefix)]
+        # a snapshot: each cell's autoscaler thread adds and deletes pods while others look
+        return [p for p in list(self.pods.values()) if p.role == "worker" and p.name.startswith(prefix)]
 
     def add_worker(self, cluster: str | None = None) -> Pod:
         daskcluster = self.daskclusters[cluster] if cluster else self.daskcluster
@@ -356,21 +357,22 @@ class Cluster:
                                      f"within {timeout}s")
             time.sleep(0.5)
 
-    def scale_workers(self, replicas: int) -> list[str]:
-        """`kubectl scale daskworkergroup <cluster>-default --replicas=N`, as the operator applies it."""
-        needed = replicas - len(self.worker_pods())
+    def scale_workers(self, replicas: int, cluster: str | None = None) -> list[str]:
+        """`kubectl scale daskworkergroup <cluster>-default --replicas=N` (by default the first
+        cell's), as the operator applies it (controller.py daskworkergroup_replica_update, l.645-737)."""
+        needed = replicas - len(self.worker_pods(cluster))
         for _ in range(max(0, needed)):
-            self.add_worker()
+            self.add_worker(cluster)
         retired: list[str] = []
         if needed < 0:
-            # The operator's retire_workers(): the scheduler picks and retires them gracefully, and
-            # the operator deletes the Deployments named after the retired workers' names.
-            answer = self.scheduler_api("retire_workers", {"n": -needed})
+            # The operator's retire_workers() (l.446-467): the scheduler picks and retires them
+            # gracefully, and the operator deletes the Deployments named after the retired workers.
+            answer = self.scheduler_api("retire_workers", {"n": -needed}, cluster=cluster)
             retired = [info["name"] for info in answer.values()]
             assert len(retired) == -needed, answer
             for name in retired:
                 self._delete_pod(self.pods[name])
-        self.wait_for_workers(replicas)
+        self.wait_for_workers(replicas, cluster=cluster)
         return retired
 
     def restart_container(self, pod: Pod) -> None:
@@ -400,7 +402,7 @@ class Cluster:
         return self.api_metric("compute_api_requests_total{")
 
     def api_pods(self) -> list[Pod]:
-        return [p for p in self.pods.values() if p.role == "api"]
+        return [p for p in list(self.pods.values()) if p.role == "api"]
 
     def start_api_pod(self) -> Pod:
         template = self.api_deployment["spec"]["template"]
@@ -484,23 +486,32 @@ class Cluster:
 
     def upgrade(self, documents: list[dict[str, Any]], retiring: list[dict[str, Any]]) -> list[dict[str, float]]:
         """`helm upgrade` as the cluster carries it out. Helm applies the new objects together: the
-        operator's create handler builds the new DaskCluster's scheduler and workers; the Deployment
-        controller rolls the API onto its new template (readiness-gated: a new API pod takes traffic
-        once it can compute on the new cluster); the old DaskCluster, re-applied with idleTimeout
-        (``retiring``), keeps serving the old API pods until retire_idle_clusters() deletes it."""
-        new = one(documents, "DaskCluster")
-        assert new["metadata"]["name"] != self.cluster_name, "this upgrade changes no Dask pod spec"
-        assert [doc["metadata"]["name"] for doc in retiring] == [self.cluster_name], retiring
+        operator's create handler builds each new DaskCluster's scheduler and workers (one per cell);
+        the Deployment controller rolls the API onto its new template (readiness-gated: a new API
+        pod takes traffic once it can compute on the new cells); the old DaskClusters, re-applied
+        with idleTimeout (``retiring``), keep serving the old API pods until retire_idle_clusters()
+        deletes them. Helm deletes the old DaskAutoscalers (the new revision renders none for the
+        old clusters): autoscaler() stops their timers and starts the new ones'."""
+        current = {c["metadata"]["name"]: c for c in by_kind(documents, "DaskCluster")}
+        created = [name for name in current if name not in self.daskclusters]
+        assert created, "this upgrade changes no Dask pod spec"
+        # Every cell of the old revision that this one does not render is re-applied as retiring
+        # (the chart's retiringClusters); one this revision renders again is left as it runs.
+        assert sorted(doc["metadata"]["name"] for doc in retiring) == sorted(
+            name for name in self.daskclusters if name not in current), retiring
         self.retiring = {doc["metadata"]["name"]: doc for doc in retiring}
-        self.documents, self.daskcluster, self.cluster_name = documents, new, new["metadata"]["name"]
-        self.daskclusters = {self.cluster_name: new}
+        self.documents, self.daskclusters = documents, current
+        self.daskcluster = next(iter(current.values()))
+        self.cluster_name = self.daskcluster["metadata"]["name"]
         self.api_deployment = next(d for d in by_kind(documents, "Deployment")
                                    if d["metadata"]["labels"].get("app.kubernetes.io/component") == "api")
         self.config_maps = {c["metadata"]["name"]: c["data"] for c in by_kind(documents, "ConfigMap")}
-        self.start_scheduler()
-        for _ in range(new["spec"]["worker"]["replicas"]):
-            self.add_worker()
-        self.wait_for_workers(new["spec"]["worker"]["replicas"])
+        for name in created:  # the create handler, once per new DaskCluster (controller.py l.340-400)
+            self.start_scheduler(current[name])
+            for _ in range(current[name]["spec"]["worker"]["replicas"]):
+                self.add_worker(name)
+        for name in created:
+            self.wait_for_workers(current[name]["spec"]["worker"]["replicas"], cluster=name)
         return self.rolling_restart_api()
 
     def retire_idle_clusters(self, timeout: float = 300) -> dict[str, float]:
@@ -529,39 +540,72 @@ class Cluster:
     # -- the DaskAutoscaler (the operator's daskautoscaler_adapt timer) ------------------------------
 
     @contextlib.contextmanager
-    def autoscaler(self) -> Iterator[list[tuple[float, int, int]]]:
-        """The operator's autoscaler timer for the rendered DaskAutoscaler, every 5 s while the block
-        runs: the scheduler's adaptive target, clamped and stepped as adapt() does, applied to the
-        worker group like `kubectl scale` (scale_workers). Yields the decisions taken: (time, from, to)."""
-        spec = one(self.documents, "DaskAutoscaler")["spec"]
-        decisions: list[tuple[float, int, int]] = []
+    def autoscaler(self) -> Iterator[dict[str, list[tuple[float, int, int]]]]:
+        """The operator's autoscaler timer (controller.py daskautoscaler_adapt, l.914-993) while the
+        block runs: one per DaskAutoscaler that Helm has applied (one per cell), each every 5 s on
+        its own (kopf runs a timer per object). Each skips a round while its scheduler is not ready
+        (l.922-933) or in cooldown (l.944-953) or when the scheduler does not answer (l.956-962);
+        otherwise it takes its own scheduler's adaptive target, clamped and stepped as adapt() does,
+        and applies it to its own `<cluster>-default` worker group like `kubectl scale`
+        (scale_workers), then cools down 15 s from the decision (l.978). A DaskAutoscaler that an
+        upgrade drops stops; one it adds starts. Yields the decisions taken, per cluster: name ->
+        [(time, from, to)]."""
+        decisions: dict[str, list[tuple[float, int, int]]] = {}
         stop = threading.Event()
         errors: list[BaseException] = []
+        timers: dict[str, threading.Thread] = {}
 
-        def timer() -> None:
+        def applied() -> dict[str, dict[str, Any]]:
+            return {a["metadata"]["name"]: a for a in by_kind(self.documents, "DaskAutoscaler")}
+
+        def timer(name: str) -> None:
             cooldown_until = 0.0
             while not stop.wait(5.0):
+                autoscaler = applied().get(name)
+                if autoscaler is None:
+                    return  # deleted by an upgrade (its cluster retires without autoscaling)
+                spec = autoscaler["spec"]
+                cluster = spec["cluster"]
                 try:
-                    if time.monotonic() < cooldown_until:
+                    if f"{cluster}-scheduler" in self.stopped or time.monotonic() < cooldown_until:
                         continue
-                    current = len(self.worker_pods())
-                    target = self.scheduler_api("adaptive_target")["workers"]
+                    current = len(self.worker_pods(cluster))
+                    try:
+                        target = self.scheduler_api("adaptive_target", cluster=cluster)["workers"]
+                    except httpx.HTTPError:
+                        continue  # SchedulerCommError: this round is skipped
                     desired = adapt(current, target, spec["minimum"], spec["maximum"])
                     if desired != current:
-                        self.scale_workers(desired)
-                        decisions.append((time.monotonic(), current, desired))
-                        cooldown_until = time.monotonic() + 15
+                        decided = time.monotonic()
+                        decisions[cluster].append((decided, current, desired))
+                        self.scale_workers(desired, cluster=cluster)
+                        cooldown_until = decided + 15
                 except BaseException as exc:  # reported by the test, not lost in the thread
                     errors.append(exc)
                     return
 
-        thread = threading.Thread(target=timer, name="daskautoscaler", daemon=True)
-        thread.start()
+        def supervise() -> None:
+            while True:
+                for name, autoscaler in applied().items():
+                    if name not in timers:
+                        decisions.setdefault(autoscaler["spec"]["cluster"], [])
+                        timers[name] = threading.Thread(target=timer, args=(name,), name=f"daskautoscaler-{name}",
+                                                        daemon=True)
+                        timers[name].start()
+                if stop.wait(1.0):
+                    return
+
+        for autoscaler in applied().values():  # every cell's list exists from the start
+            decisions[autoscaler["spec"]["cluster"]] = []
+        supervisor = threading.Thread(target=supervise, name="daskautoscalers", daemon=True)
+        supervisor.start()
         try:
             yield decisions
         finally:
             stop.set()
-            thread.join(timeout=120)
+            supervisor.join(timeout=10)
+            for thread in list(timers.values()):
+                thread.join(timeout=120)
         assert not errors, f"the autoscaler failed: {errors[0]!r}"
 
     # -- node failure -------------------------------------------------------------------------------

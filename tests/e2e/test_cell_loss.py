@@ -10,23 +10,17 @@ scheduler (and the cell's workers rejoined it) the cell computes again.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
-from _k8s_helpers import env_of, helm_template
 from conftest import wait_until
 from sizing import fib_n_lasting
 
-from e2e.conftest import E2E_VALUES, NAMESPACE, RELEASE, started_cluster
+from e2e.cells import CELLS, fib_window, per_cell, readyz, scheduler_addresses
 from e2e.load import LoadDriver, Results, record
-from e2e.runner import Cluster, HelperImages, image_values
-from service.cells import preferred_cell
+from e2e.runner import Cluster
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
 
-CELLS = 2
 MAX_FAILURE_RATIO = 0.001  # the issue's target for one cell's scheduler lost under load
 # The surviving cell takes the whole load: keep the work queued on its one worker thread well under
 # the API's admission bound (MAX_QUEUE_WAIT, 10 s), or the load itself would be refused (503s).
@@ -35,35 +29,6 @@ SHORTEST_FIB_S = 0.15
 # /fib answers to see in each phase (one cell alone, both back): the failure ratio is measured on
 # hundreds of /fib requests, not on a handful.
 ANSWERS_PER_PHASE = 150
-
-
-@pytest.fixture(scope="module")
-def cells(image: str, helper_images: HelperImages, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    documents = helm_template(E2E_VALUES, release=RELEASE, namespace=NAMESPACE, include_hooks=False,
-                              set_values=[*image_values(image), f"dask.cells={CELLS}"])
-    yield from started_cluster(documents, Path(tmp_path_factory.mktemp("cells")), helper_images)
-
-
-def per_cell(cluster: Cluster, series: str, cell: int) -> float:
-    """A per-cell series summed over the API pods."""
-    return cluster.api_metric(f'{series}{{cell="{cell}"}}')
-
-
-def readyz(cluster: Cluster) -> list[httpx.Response]:
-    """Every API pod's /readyz, asked directly (the ingress would pick one)."""
-    return [cluster.http.get(f"http://{cluster.ip(p)}:{p.spec.port('http')}/readyz") for p in cluster.api_pods()]
-
-
-def fib_window(cluster: Cluster, low: int, width: int = 3) -> int:
-    """The start of ``width`` consecutive n, nearest ``low``, that both cells are preferred for: the
-    API places fib(n) by rendezvous hashing over its SCHEDULER_ADDRESSES (service/cells.py), so
-    a few keys could all prefer one cell, and the other would get no load to lose."""
-    addresses = env_of(cluster.api_deployment["spec"]["template"]["spec"]["containers"][0])["SCHEDULER_ADDRESSES"]
-    names = addresses.split(",")
-    for start in sorted(range(max(1, low - 4), low + 5), key=lambda n: abs(n - low)):
-        if {preferred_cell("fib", (n,), names) for n in range(start, start + width)} == set(names):
-            return start
-    raise AssertionError(f"no {width} consecutive n near {low} spread over the cells {names}")
 
 
 def test_12_one_cells_scheduler_lost_under_load(cells: Cluster) -> None:
@@ -77,7 +42,7 @@ def test_12_one_cells_scheduler_lost_under_load(cells: Cluster) -> None:
     # Sized from this machine: each computation lasts 0.15 s to about 0.4 s, and there are as many
     # users as the surviving cell's queue budget allows (some computations are in flight whenever
     # the scheduler dies; the kill waits for one).
-    low = fib_window(cluster, fib_n_lasting(SHORTEST_FIB_S))
+    low = fib_window(fib_n_lasting(SHORTEST_FIB_S), scheduler_addresses(cluster.api_deployment))
     longest = SHORTEST_FIB_S * 1.618 ** 2
     fib_users = max(2, min(8, int(QUEUE_BUDGET_S / longest)))
     with LoadDriver(cluster.ingress_url, cluster.ingress_host, fast_users=1, fib_users=fib_users,

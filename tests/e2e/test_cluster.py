@@ -342,7 +342,7 @@ def test_10_scale_to_zero_and_back(cluster: Cluster) -> None:
                        what="held requests answered once a worker started")
         first_answer = min(s.started + s.latency for s in load.results.select("/fib") if s.correct) - sent
         wait_until(lambda: not cluster.worker_pods(), 120, interval=0.5, what="the cluster to return to zero when idle")
-    steps = [(round(t - sent, 1), before, after) for t, before, after in decisions]
+    steps = [(round(t - sent, 1), before, after) for t, before, after in decisions[cluster.cluster_name]]
     print(f"autoscaler decisions (s after the first request, from, to): {steps}")
     record("10 scale to zero and back", load.results,
            f"from 0 workers: first /fib in {first_answer:.1f}s; idle, back to 0 at {steps[-1][0]:.0f}s")
