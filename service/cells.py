@@ -11,7 +11,8 @@ A request meets the decisions in this order (``place``):
 2. rendezvous (highest-random-weight) hashing ranks the cells for the request's key, so identical
    requests prefer the same cell (coalescing keeps working) and keys spread evenly; losing or adding
    a cell moves only the keys that cell owned. The first cell in that order that can serve decides;
-3. when it refuses as overloaded, the least loaded other cell that can serve decides instead;
+3. when it refuses (overloaded, or no workers and its cold-start queue full), the least loaded
+   other cell that can serve decides instead;
 4. when no cell takes it, the preferred cell's refusal is the answer.
 
 A computation whose cell loses its scheduler moves to the next cell in the same order that can serve
@@ -85,8 +86,10 @@ def place(key: Hashable, local_cost: float, cost: float, cells: Sequence[Cell]) 
     serving = [i for i in order if cells[i].serves]
     preferred = serving[0] if serving else order[0]
     decision = cells[preferred].inflight.decide(key, local_cost, cost, cells[preferred].capacity)
-    if not (isinstance(decision, Reject) and decision.reason == "overloaded"):
+    if not isinstance(decision, Reject):
         return preferred, decision
+    # Any refusal is about that cell (overloaded, or no workers and its cold-start queue full):
+    # another cell may still take the request.
     others = sorted((i for i in serving if i != preferred), key=lambda i: cells[i].load)
     for i in others:
         other = cells[i].inflight.decide(key, local_cost, cost, cells[i].capacity)

@@ -1155,15 +1155,17 @@ def _reach(documents: list[dict[str, Any]], src: dict[str, Any], dst: dict[str, 
 def assert_cells_isolated(documents: list[dict[str, Any]], cells: int) -> None:
     """Every pair of cells: a worker reaches its own scheduler (8786) and its own cell's workers
     (8788/8789), never another cell's; each scheduler reaches its own workers only; the API reaches
-    every scheduler and no worker; the operator reaches every scheduler's HTTP API, the ingress
-    controller no scheduler."""
+    every scheduler and every worker's comm port (it fetches results there), never a nanny; the
+    operator reaches every scheduler's HTTP API, the ingress controller no scheduler."""
     pods = _cell_pods(documents)
     assert len(pods) == cells, list(pods)
     api = pod_templates(documents)[f"Deployment/{one(documents, 'Deployment')['metadata']['name']}"]
     operator = {"metadata": {"labels": {"app": "dask-kubernetes-operator"}}}
     for a, cell_a in pods.items():
         assert _reach(documents, api, cell_a["scheduler"], 8786), a
-        assert not _reach(documents, api, cell_a["worker"], 8788), a
+        assert _reach(documents, api, cell_a["worker"], 8788), a
+        assert not _reach(documents, api, cell_a["worker"], 8789), a
+        assert not _reach(documents, api, cell_a["worker"], 8787), a
         assert _reach(documents, operator, cell_a["scheduler"], 8787, src_namespace="dask-operator"), a
         assert not _reach(documents, operator, cell_a["scheduler"], 8786, src_namespace="dask-operator"), a
         assert not _reach(documents, api, cell_a["scheduler"], 8787, src_namespace="ingress-nginx"), a

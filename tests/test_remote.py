@@ -44,6 +44,29 @@ def test_remote_mode_serves_and_reports_ready(tmp_path: Path, dask_cluster_procs
         assert httpx.get(f"{server.url}/fib/25").json() == {"n": 25, "value": 75025}
 
 
+def test_results_come_from_the_workers_not_through_the_scheduler(
+    tmp_path: Path, dask_cluster_procs: DaskProcesses
+) -> None:
+    """The scheduler only says where a result is; the API fetches it from that worker itself
+    (direct-to-workers in service/dask.yaml), which spares the scheduler a relay per request."""
+
+    def count_relays(dask_scheduler):  # wraps the scheduler's own handlers; nested: pickled by value
+        counts = dask_scheduler.compute_api_test_counts = {"gather": 0, "who_has": 0}
+        for name in counts:
+            def counted(*args, _name=name, _handler=dask_scheduler.handlers[name], **kwargs):
+                counts[_name] += 1
+                return _handler(*args, **kwargs)
+            dask_scheduler.handlers[name] = counted
+
+    dask_cluster_procs.scheduler_call(count_relays)
+    with remote_server(tmp_path, dask_cluster_procs, INLINE_MAX_COST="0", COALESCE="false") as server:
+        for n in range(20, 26):
+            assert httpx.get(f"{server.url}/fib/{n}").json() == {"n": n, "value": fib_value(n)}
+        counts = dask_cluster_procs.scheduler_call(lambda dask_scheduler: dask_scheduler.compute_api_test_counts)
+    assert counts["gather"] == 0, counts
+    assert counts["who_has"] >= 1, counts
+
+
 def test_scheduler_outage_longer_than_connect_timeout(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
     """Loss -> fast 503s; back after distributed's connect timeout (it has closed its Client for good)
     -> recovers unaided. The timeout is 5 s here instead of the default 30 s: the same path, sooner."""

@@ -89,6 +89,17 @@ def test_when_every_cell_refuses_the_preferred_cells_refusal_is_the_answer() -> 
     assert isinstance(decision, Reject) and decision.reason == "overloaded"
 
 
+def test_a_cold_cell_with_a_full_cold_start_queue_hands_over_to_a_cell_with_workers() -> None:
+    limits = Limits(cold_start_queue=2)
+    group = cells(*NAMES[:2], limits=limits)
+    group[0].capacity = Capacity(connected=True, scheduler=NAMES[0])  # scaled to zero
+    cold = [("fib", n) for n in range(100) if rank(("fib", n), NAMES[:2])[0] == 0][:3]
+    placed = [place(key, 1.0, 1.0, group) for key in cold]
+    # the first two wait for the cold cell's autoscaler; the third is computed by the warm cell now
+    assert [index for index, _ in placed] == [0, 0, 1]
+    assert all(isinstance(decision, Admit) for _, decision in placed)
+
+
 def test_a_cell_without_a_scheduler_is_avoided() -> None:
     group = cells(*NAMES)
     key = ("fib", 30)

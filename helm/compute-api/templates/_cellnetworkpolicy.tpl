@@ -1,6 +1,7 @@
 {{/*
-A cell's own NetworkPolicies: its workers talk only to their own scheduler and to each other, and its
-scheduler admits the API and its own workers. Pods are selected by the labels the operator itself
+A cell's own NetworkPolicies: its workers talk only to their own scheduler and to each other, its
+scheduler admits the API and its own workers, and its workers' comm port admits the API (which
+fetches results from them). Pods are selected by the labels the operator itself
 puts on them (controller.py l.87-88 scheduler, l.146-148 workers: dask.org/cluster-name +
 dask.org/component), so they hold for any DaskCluster, including a retiring one whose labels an older
 revision wrote. NetworkPolicies add up (a connection is allowed if any policy selecting the pod allows
@@ -83,6 +84,15 @@ spec:
         - port: tcp-nanny
           protocol: TCP
         - port: http-dashboard
+          protocol: TCP
+    # The API fetches each result from the worker that holds it (distributed.client.direct-to-workers
+    # in service/dask.yaml), so the scheduler does not relay it: the worker's comm port only.
+    - from:
+        - podSelector:
+            matchLabels:
+              {{- include "compute-api.apiSelectorLabels" . | nindent 14 }}
+      ports:
+        - port: tcp-worker
           protocol: TCP
   {{- if .Values.networkPolicy.workerEgress.enabled }}
   egress:
