@@ -12,7 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask.config
 import pytest
+from dask_settings import project_settings
+from distributed import Client
+
+from bench.processes import dask_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("blocking", "notebook_dask", "processpool", "compute-api")
@@ -99,6 +104,17 @@ def test_batching_bench_measures_both_runs() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| batched") or line.startswith("| unbatched")]
     assert len(rows) == 2, done.stdout
     assert done.stdout.count("statuses {'200': 50}") == 2, done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_bench_dask_processes_run_with_the_project_dask_settings(tmp_path: Path) -> None:
+    # The scheduler and workers that `python -m bench capacity` and `python -m bench.batching` spawn
+    # read service/dask.yaml, as the image's do: their CPU figures are the product's.
+    with dask_cluster(1, tmp_path) as cluster, Client(cluster.address, timeout=60) as client:
+        client.wait_for_workers(1, timeout=60)
+        for key, value in project_settings().items():
+            assert client.run_on_scheduler(dask.config.get, key) == value, key
+            assert list(client.run(dask.config.get, key).values()) == [value], key
 
 
 @pytest.mark.timeout(180)
