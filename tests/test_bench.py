@@ -8,6 +8,7 @@ asserted: those are the benchmark's own output, printed by ``make bench``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +126,7 @@ def test_capacity_bench_measures_every_process(tmp_path: Path) -> None:
     figures = tmp_path / "capacity.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "capacity", "--rate", "20", "--heavy-rate", "2", "--seconds", "2",
-         "--json", str(figures)],
+         "--efficiency-rounds", "1", "--efficiency-seconds", "1", "--json", str(figures)],
         cwd=ROOT, capture_output=True, text=True, timeout=170,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -140,3 +141,12 @@ def test_capacity_bench_measures_every_process(tmp_path: Path) -> None:
         assert row["cell_computations"] == [row["answered"] / row["cells"]] * row["cells"], (key, row)
     assert results["model"]["sizing"]["cells"] >= 1
     assert "| load | cells |" in done.stdout and "Target: each of 2 cells' schedulers" in done.stdout
+    # The worker's efficiency: one pair of rounds (bare, worker, bare) on a machine with 2 cores or more.
+    efficiency = results["efficiency"]
+    if len(os.sched_getaffinity(0)) < 2:
+        assert "skipped" in efficiency
+    else:
+        assert len(efficiency["bare_rates"]) == 2 and len(efficiency["worker_rates"]) == 1, efficiency
+        assert efficiency["median"] > 0 and efficiency["cpu"]["median"] > 0, efficiency
+        assert efficiency["worker_core"] not in efficiency["other_cores"], efficiency
+        assert "Target: each worker >= 95% of a bare fib loop" in done.stdout
