@@ -25,6 +25,10 @@ COPY service /src/service
 # --no-deps: every dependency already came from the lock; nothing unpinned sneaks in here.
 RUN /opt/venv/bin/pip install --no-deps /src \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+# compute-api's Dask settings, where every dask process of the venv reads them ({sys.prefix}/etc/dask):
+# the chart's scheduler and worker pods run plain `dask scheduler|worker`, which never import the
+# service. DASK_* variables still win. (dask-api.yaml, the API-only part, is applied by the API.)
+COPY service/dask.yaml /opt/venv/etc/dask/compute-api.yaml
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG APP_UID=10001

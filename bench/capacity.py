@@ -8,7 +8,8 @@ and heavier ones at a lower rate (fib(n) about 20 ms, so about 25 ms on average 
 CPU time of the API, of each scheduler and of each worker (nanny included) comes from the OS; every
 answer's value is checked. The figures feed the capacity model (``bench/capacity_model.py``), and
 each scheduler's CPU with two cells is compared with the lone scheduler's (issue 12's target: at
-most 55 %). Prints figures; never fails on a target.
+most 55 %). Then a worker's efficiency (``efficiency_run``): one single-threaded worker alone on
+one core against a bare fib loop on that core. Prints figures; never fails on a target.
 
 Requests alternate between fib(n) and fib(n+1), which rendezvous hashing places on different cells
 (the schedulers' ports are chosen so), so both cells get the same number of requests; the one-cell
@@ -23,6 +24,8 @@ import asyncio
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,16 +33,32 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.capacity_model import HEADROOM, Profile, capacity_model
+import psutil
+
+from bench.capacity_model import HEADROOM, Profile, capacity_model, worker_efficiency
 from bench.driver import Driver, latency_ms, status_counts
-from bench.processes import Cluster, cpu_seconds, dask_cluster, fib_n_for, listening_pid, metric, remote_api
-from bench.server import HOST, free_port, running
+from bench.processes import (
+    Cluster,
+    cpu_seconds,
+    dask_cluster,
+    fib_n_for,
+    listening_pid,
+    metric,
+    pinned_to,
+    remote_api,
+)
+from bench.server import HOST, ROOT, free_port, running
 from service.cells import preferred_cell
 from service.tasks import fib
 
 IDLE_SECONDS = 3.0
 TARGET_SHARE = 0.55  # issue 12: each of 2 cells' schedulers at most 55 % of one scheduler alone
 EXAMPLE_LOAD = {"cheap": 2000.0, "heavy": 200.0}  # the README's worked sizing example
+TARGET_EFFICIENCY = 0.95  # each worker delivers at least 95 % of a bare fib loop on its core
+EFFICIENCY_TASK_SECONDS = 0.1  # fib(n) of 100-200 ms: per-task costs show, the window holds many tasks
+# Requests in flight for the one worker: the scheduler hands a 1-thread worker 2 tasks (worker-saturation),
+# so it always has the next one, and a third waits on the scheduler.
+EFFICIENCY_CLIENTS = 3
 
 
 def balanced_ports(ns: Sequence[int], tries: int = 1000) -> tuple[int, int]:
@@ -132,7 +151,8 @@ def _measure(
                   f"workers {row['worker_ms']:.2f} ms per request", flush=True)
 
 
-def run(rate: float, heavy_rate: float, seconds: float, workers: int, log_dir: Path) -> dict[str, Any]:
+def run(rate: float, heavy_rate: float, seconds: float, workers: int, log_dir: Path,
+        efficiency_rounds: int = 0, efficiency_seconds: float = 4.0) -> dict[str, Any]:
     """One cell with ``workers`` workers, then two cells with half as many each: the same hardware
     and the same requests, only split in two cells."""
     sizes = {"cheap": (fib_n_for(0.001), rate), "heavy": (fib_n_for(0.020), heavy_rate)}
@@ -157,7 +177,112 @@ def run(rate: float, heavy_rate: float, seconds: float, workers: int, log_dir: P
     results["model"] = {"headroom": HEADROOM, "profiles": {k: asdict(v) for k, v in profiles.items()},
                         "rates": {k: asdict(v) for k, v in per_size.items()},
                         "example_load": EXAMPLE_LOAD, "sizing": asdict(sizing) if sizing else None}
+    if efficiency_rounds:
+        results["efficiency"] = efficiency_run(efficiency_rounds, efficiency_seconds, log_dir)
     return results
+
+
+# fib(n) back to back for at least ``seconds`` in this interpreter: the bare loop a worker is measured against.
+BARE_LOOP = """
+import json, sys, time
+from service.tasks import fib
+n, seconds = int(sys.argv[1]), float(sys.argv[2])
+count, start, cpu = 0, time.perf_counter(), time.process_time()
+while count == 0 or time.perf_counter() - start < seconds:
+    fib(n)
+    count += 1
+print(json.dumps({"count": count, "elapsed": time.perf_counter() - start, "cpu": time.process_time() - cpu}))
+"""
+
+
+def bare_rate(n: int, seconds: float, core: int) -> tuple[float, float]:
+    """fib(n) per second and per CPU second of a bare Python loop in a process of its own, pinned to
+    ``core``."""
+    done = subprocess.run([sys.executable, "-c", BARE_LOOP, str(n), str(seconds)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=seconds + 120, check=True, preexec_fn=pinned_to({core}))
+    result = json.loads(done.stdout)
+    return result["count"] / result["elapsed"], result["count"] / result["cpu"]
+
+
+def core_busy_seconds(core: int) -> float:
+    """CPU seconds ``core`` has spent running anything (idle, I/O wait and a hypervisor's steal excluded)."""
+    t = psutil.cpu_times(percpu=True)[core]
+    return t.user + t.nice + t.system + t.irq + t.softirq
+
+
+def thread_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``pid``."""
+    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+
+
+async def worker_round(url: str, n: int, seconds: float) -> tuple[float, int]:
+    """Completed fib(n)/s through the API and one worker, in a closed loop that keeps it always fed
+    (completions over the time between the first and the last one, so neither the loop's start, an
+    idle worker, nor its end, the last tasks draining, counts); and how many were answered."""
+    async with Driver(url) as driver:
+        samples = await driver.closed_loop(f"/fib/{n}", EFFICIENCY_CLIENTS, seconds, timeout=60)
+    done = sorted(s.done for s in samples if s.status == 200)
+    if len(done) < 2 or len(done) < len(samples):
+        raise RuntimeError(f"worker round: {status_counts(samples)}")
+    return (len(done) - 1) / (done[-1] - done[0]), len(done)
+
+
+def efficiency_run(rounds: int, seconds: float, log_dir: Path) -> dict[str, Any]:
+    """A single-threaded worker (nanny included) pinned to one core, the scheduler, the API and this
+    driver to the others; fib(n) of ~100-200 ms. Alternating rounds of ``seconds``: bare, worker, ...,
+    bare. Also where the worker core's time went during the worker rounds (per thread, from the OS)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return {"skipped": f"needs 2 cores, this process may use {cores}"}
+    worker_core, others = cores[-1], set(cores[:-1])
+    n = fib_n_for(EFFICIENCY_TASK_SECONDS)
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, others)  # the scheduler and the API started below inherit it
+    try:
+        with (dask_cluster(1, log_dir, "efficiency", worker_cpus={worker_core}) as cluster,
+              running(remote_api("efficiency", {"DASK_SCHEDULER_ADDRESS": cluster.address}), 0, log_dir) as url):
+            asyncio.run(worker_round(url, n, 1.0))  # warm: connections, the cost model, the worker
+            nanny = psutil.Process(cluster.worker_pids[0])
+            # The nanny's children: the worker, and multiprocessing's resource tracker.
+            (worker,) = [p for p in nanny.children() if any("spawn_main" in arg for arg in p.cmdline())]
+            bare: list[tuple[float, float]] = []
+            rates: list[float] = []
+            per_cpu: list[float] = []  # fib per CPU second of the worker's process tree
+            busy = {"elapsed": 0.0, "core_busy": 0.0, "nanny": 0.0}
+            threads: dict[int, float] = {}
+            for _ in range(rounds):
+                bare.append(bare_rate(n, seconds, worker_core))
+                core0, threads0 = core_busy_seconds(worker_core), thread_seconds(worker.pid)
+                tree0 = cpu_seconds(nanny.pid)
+                nanny0 = tree0 - cpu_seconds(worker.pid)
+                start = time.perf_counter()
+                rate, answered = asyncio.run(worker_round(url, n, seconds))
+                busy["elapsed"] += time.perf_counter() - start
+                rates.append(rate)
+                per_cpu.append(answered / (cpu_seconds(nanny.pid) - tree0))
+                busy["core_busy"] += core_busy_seconds(worker_core) - core0
+                busy["nanny"] += cpu_seconds(nanny.pid) - cpu_seconds(worker.pid) - nanny0
+                for tid, cpu in thread_seconds(worker.pid).items():
+                    threads[tid] = threads.get(tid, 0.0) + cpu - threads0.get(tid, 0.0)
+            bare.append(bare_rate(n, seconds, worker_core))
+    finally:
+        os.sched_setaffinity(0, allowed)
+    e = worker_efficiency([wall for wall, _ in bare], rates)
+    cpu_e = worker_efficiency([cpu for _, cpu in bare], per_cpu)
+    ranked = sorted(threads.values(), reverse=True)
+    elapsed = busy["elapsed"]
+    return {
+        "n": n, "rounds": rounds, "seconds": seconds, "worker_core": worker_core, "other_cores": sorted(others),
+        "bare_rates": [wall for wall, _ in bare], "worker_rates": rates, **asdict(e),
+        # The same pairing per CPU second (bare process vs worker and nanny): what the worker's own
+        # overhead costs, whatever else the shared core ran; the wall figure is at most this much.
+        "cpu": asdict(cpu_e),
+        # Shares of the worker rounds' wall time on the worker's core.
+        "core_busy_share": busy["core_busy"] / elapsed,
+        "task_thread_share": ranked[0] / elapsed,  # the thread that ran fib: by far the busiest
+        "worker_other_threads_share": sum(ranked[1:]) / elapsed,  # event loop, comms, monitors
+        "nanny_share": busy["nanny"] / elapsed,
+    }
 
 
 def share(part: float, whole: float) -> float:
@@ -209,6 +334,25 @@ def table(results: dict[str, Any]) -> str:
     verdict = "MET" if max(shares) <= TARGET_SHARE else "MISSED" if max(shares) > TARGET_SHARE else "NOT MEASURED"
     lines.append(f"Target: each of 2 cells' schedulers <= {TARGET_SHARE:.0%} of one alone: "
                  f"{verdict} (worst {max(shares):.0%}).")
+    e = results.get("efficiency")
+    if e and "skipped" in e:
+        lines += ["", f"Worker efficiency: not measured ({e['skipped']})."]
+    elif e:
+        verdict = "MET" if e["median"] >= TARGET_EFFICIENCY else "MISSED"
+        lines += [
+            "",
+            f"Worker efficiency: one single-threaded worker on core {e['worker_core']} (scheduler, API and driver on "
+            f"{e['other_cores']}), fib({e['n']}) in a closed loop, vs a bare loop on that core; {e['rounds']} "
+            f"alternating rounds of {e['seconds']:g} s each:",
+            f"median {e['median']:.1%} of the bare loop (pairs {e['low']:.1%} to {e['high']:.1%}; "
+            f"bare {min(e['bare_rates']):.2f}-{max(e['bare_rates']):.2f} fib/s).",
+            f"Per CPU second (worker and nanny vs the bare process): median {e['cpu']['median']:.1%} "
+            f"(pairs {e['cpu']['low']:.1%} to {e['cpu']['high']:.1%}).",
+            f"Worker core during the worker rounds: busy {e['core_busy_share']:.1%}; task thread "
+            f"{e['task_thread_share']:.1%}, the worker's other threads {e['worker_other_threads_share']:.1%}, "
+            f"nanny {e['nanny_share']:.1%}.",
+            f"Target: each worker >= {TARGET_EFFICIENCY:.0%} of a bare fib loop on its core: {verdict}.",
+        ]
     return "\n".join(lines)
 
 
@@ -220,10 +364,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load per run")
     parser.add_argument("--workers", type=int, default=2,
                         help="single-threaded Dask workers in all (one cell: all of them; two cells: half each)")
+    parser.add_argument("--efficiency-rounds", type=int, default=6,
+                        help="worker-efficiency rounds (each a bare and a worker round; 0: skip)")
+    parser.add_argument("--efficiency-seconds", type=float, default=4.0, help="seconds per efficiency round")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
-        results = run(args.rate, args.heavy_rate, args.seconds, args.workers, Path(tmp))
+        results = run(args.rate, args.heavy_rate, args.seconds, args.workers, Path(tmp),
+                      args.efficiency_rounds, args.efficiency_seconds)
     print(f"\n{results['date']}, {results['cores']} cores, load average {results['load_average']:.1f} before, "
           f"{args.seconds:g} s per run, {args.workers} single-threaded workers in all\n")
     print(table(results))

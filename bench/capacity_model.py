@@ -1,4 +1,5 @@
-"""The capacity model: measured CPU per request -> requests/s per process, and a sizing for a load.
+"""The capacity model: measured CPU per request -> requests/s per process, and a sizing for a load;
+and a worker's efficiency against a bare loop.
 
 Pure arithmetic over what ``python -m bench.capacity`` measures, so the model is re-measured rather
 than remembered, and unit-tested in milliseconds (tests/unit/test_capacity_model.py).
@@ -12,7 +13,8 @@ second (heartbeats, the Clients' polls) whether requests come or not; it comes o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 HEADROOM = 0.70  # share of each process's core the model plans to use
@@ -104,3 +106,27 @@ def capacity_model(
         scheduler_cores=scheduler,
         worker_cores=worker,
     )
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """A worker's completed fib/s as a share of a bare loop's on the same core, per pair of rounds."""
+
+    ratios: tuple[float, ...]  # one per worker round, in the order run
+    median: float
+    low: float
+    high: float
+
+
+def worker_efficiency(bare: Sequence[float], worker: Sequence[float]) -> Efficiency:
+    """Rates of interleaved rounds bare, worker, bare, worker, ... (optionally ending with a bare
+    round): each worker round over the mean of the bare rounds either side of it, or the one before
+    it for a last worker round. The machine's speed drifts (up to 2x between runs here): comparing
+    neighbours cancels the drift to first order, and the median of the pairs ignores a round that a
+    neighbour's burst spoiled."""
+    if not worker or len(bare) not in (len(worker), len(worker) + 1):
+        raise ValueError(f"need interleaved rounds, got {len(bare)} bare and {len(worker)} worker")
+    if not all(rate > 0 for rate in bare):
+        raise ValueError(f"bare rates must be positive, got {list(bare)}")
+    ratios = tuple(rate / statistics.fmean(bare[i:i + 2]) for i, rate in enumerate(worker))
+    return Efficiency(ratios, statistics.median(ratios), min(ratios), max(ratios))

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,10 @@ from bench.server import HOST, ROOT, ServerSpec, free_port
 from service.tasks import fib
 
 DASK = Path(sys.executable).parent / "dask"
+# compute-api's settings for every Dask process (profiler off, slower monitors: see the file), read by
+# the spawned scheduler and workers as they are by the image's (DASK_CONFIG may name a file). The API
+# process reads it itself (service/backend.py).
+DASK_SETTINGS = ROOT / "service" / "dask.yaml"
 
 
 def fib_n_for(seconds: float) -> int:
@@ -74,23 +78,34 @@ class Cluster:
     worker_pids: tuple[int, ...]  # each a nanny whose child is the worker
 
 
+def pinned_to(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child (and so all its threads and children) to ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 @contextlib.contextmanager
-def dask_cluster(workers: int, log_dir: Path, name: str = "dask", port: int | None = None) -> Iterator[Cluster]:
-    """A scheduler (on ``port``, or a free one) and ``workers`` single-threaded workers, logging to
+def dask_cluster(workers: int, log_dir: Path, name: str = "dask", port: int | None = None,
+                 worker_cpus: set[int] | None = None) -> Iterator[Cluster]:
+    """A scheduler (on ``port``, or a free one) and ``workers`` single-threaded workers (nanny and
+    worker pinned to ``worker_cpus`` if given), with compute-api's Dask settings, logging to
     ``log_dir/NAME.log``."""
     port = port or free_port()
     address = f"tcp://{HOST}:{port}"
     procs: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "DASK_CONFIG": str(DASK_SETTINGS)}
     with open(log_dir / f"{name}.log", "wb") as log:
-        def spawn(*args: str) -> subprocess.Popen[bytes]:
-            proc = subprocess.Popen([str(DASK), *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        def spawn(*args: str, cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+            proc = subprocess.Popen([str(DASK), *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=pinned_to(cpus))
             procs.append(proc)
             return proc
 
         try:
             scheduler = spawn("scheduler", "--host", HOST, "--port", str(port), "--no-dashboard")
-            pids = tuple(spawn("worker", address, "--nthreads", "1", "--no-dashboard", "--host", HOST).pid
+            pids = tuple(spawn("worker", address, "--nthreads", "1", "--no-dashboard", "--host", HOST,
+                               cpus=worker_cpus).pid
                          for _ in range(workers))
             yield Cluster(address, scheduler.pid, pids)
         finally:

@@ -58,7 +58,9 @@ __all__ = ["Abandoned", "Backend", "ComputeFailed", "ComputeTimeout", "Unavailab
 
 logger = logging.getLogger("compute_api.backend")
 
-dask.config.update_defaults(yaml.safe_load(resources.files("service").joinpath("dask.yaml").read_text()))
+# Every Dask process's settings, then the API's own (see each file for why each is there and where).
+for _name in ("dask.yaml", "dask-api.yaml"):
+    dask.config.update_defaults(yaml.safe_load(resources.files("service").joinpath(_name).read_text()))
 
 
 @dataclass(eq=False)

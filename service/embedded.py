@@ -4,7 +4,8 @@ Not a LocalCluster: that runs the scheduler and the nannies in this process, whe
 work (system and memory monitors) would share the event loop that serves HTTP. Subprocesses bring
 four duties, each handled here:
 
-* configuration: they get this process's Dask configuration (service/dask.yaml + DASK_*), the way
+* configuration: they get this process's Dask configuration (service/dask.yaml, service/dask-api.yaml
+  and DASK_*), the way
   distributed's SSHCluster hands it to remote processes;
 * Ctrl+C: the terminal sends SIGINT to the whole foreground process group. If the scheduler died of
   it first, the API's shutdown would wait out distributed's connect timeout (30 s) trying to retire

@@ -8,11 +8,17 @@ asserted: those are the benchmark's own output, printed by ``make bench``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import dask.config
 import pytest
+from dask_settings import project_settings
+from distributed import Client
+
+from bench.processes import dask_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("blocking", "notebook_dask", "processpool", "compute-api")
@@ -101,6 +107,17 @@ def test_batching_bench_measures_both_runs() -> None:
     assert done.stdout.count("statuses {'200': 50}") == 2, done.stdout
 
 
+@pytest.mark.timeout(120)
+def test_bench_dask_processes_run_with_the_project_dask_settings(tmp_path: Path) -> None:
+    # The scheduler and workers that `python -m bench capacity` and `python -m bench.batching` spawn
+    # read service/dask.yaml, as the image's do: their CPU figures are the product's.
+    with dask_cluster(1, tmp_path) as cluster, Client(cluster.address, timeout=60) as client:
+        client.wait_for_workers(1, timeout=60)
+        for key, value in project_settings().items():
+            assert client.run_on_scheduler(dask.config.get, key) == value, key
+            assert list(client.run(dask.config.get, key).values()) == [value], key
+
+
 @pytest.mark.timeout(180)
 def test_capacity_bench_measures_every_process(tmp_path: Path) -> None:
     # `python -m bench capacity` on a tiny load: a few requests/s of ~1 ms and of ~20 ms work (sized
@@ -109,7 +126,7 @@ def test_capacity_bench_measures_every_process(tmp_path: Path) -> None:
     figures = tmp_path / "capacity.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "capacity", "--rate", "20", "--heavy-rate", "2", "--seconds", "2",
-         "--json", str(figures)],
+         "--efficiency-rounds", "1", "--efficiency-seconds", "1", "--json", str(figures)],
         cwd=ROOT, capture_output=True, text=True, timeout=170,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -124,3 +141,12 @@ def test_capacity_bench_measures_every_process(tmp_path: Path) -> None:
         assert row["cell_computations"] == [row["answered"] / row["cells"]] * row["cells"], (key, row)
     assert results["model"]["sizing"]["cells"] >= 1
     assert "| load | cells |" in done.stdout and "Target: each of 2 cells' schedulers" in done.stdout
+    # The worker's efficiency: one pair of rounds (bare, worker, bare) on a machine with 2 cores or more.
+    efficiency = results["efficiency"]
+    if len(os.sched_getaffinity(0)) < 2:
+        assert "skipped" in efficiency
+    else:
+        assert len(efficiency["bare_rates"]) == 2 and len(efficiency["worker_rates"]) == 1, efficiency
+        assert efficiency["median"] > 0 and efficiency["cpu"]["median"] > 0, efficiency
+        assert efficiency["worker_core"] not in efficiency["other_cores"], efficiency
+        assert "Target: each worker >= 95% of a bare fib loop" in done.stdout

@@ -46,6 +46,7 @@ from _k8s_helpers import (
     validate_kubernetes,
     var_references,
 )
+from dask_settings import project_settings, variable
 
 from service.config import Settings
 
@@ -862,13 +863,17 @@ def test_cluster_domain_is_a_value() -> None:
     assert env_of(api)["DASK_SCHEDULER_ADDRESS"].endswith(".svc.corp.example:8786")
 
 
-def test_chart_workers_run_without_the_profiler_and_the_scheduler_expires_silent_workers_promptly(
+def test_chart_pods_take_the_project_dask_settings_from_the_image_and_the_scheduler_expires_silent_workers_promptly(
     rendered: list[dict[str, Any]],
 ) -> None:
+    # service/dask.yaml is installed in the image (tests/test_image.py shows the pods read it): the
+    # chart repeats none of it, so there is one declaration to change.
     spec = daskcluster(rendered)["spec"]
     worker_env = env_of(spec["worker"]["spec"]["containers"][0])
     scheduler_env = env_of(spec["scheduler"]["spec"]["containers"][0])
-    assert worker_env["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] == "false"
+    project = {variable(key) for key in project_settings()}
+    assert "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED" in project
+    assert not project & (set(worker_env) | set(scheduler_env))
     assert dask.utils.parse_timedelta(scheduler_env["DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL"]) <= 60
 
 

@@ -36,8 +36,9 @@ from _k8s_helpers import (
     run,
 )
 from certificates import write_tls_secret
+from dask_settings import project_settings, read_settings_script
 from e2e.ingress import target_port
-from e2e.runner import Cluster, build_helper_images, image_values, one_off
+from e2e.runner import Cluster, Pod, build_helper_images, image_values, one_off
 from sizing import fib_value
 
 pytestmark = pytest.mark.container
@@ -169,7 +170,9 @@ def test_chart_pods_run_the_remote_cluster(new_cluster: Callable[..., Cluster], 
     """Scheduler, worker and API with the chart's default values: the API reaches the scheduler
     through its Service name, the worker registers under the operator's name, the scheduler's HTTP
     API (what the DaskAutoscaler polls), /health (its probes) and /metrics answer, and the chart's
-    `helm test` hook passes."""
+    `helm test` hook passes. service/dask.yaml reaches the scheduler and worker containers (plain
+    `dask scheduler|worker`) from the image, the chart repeating none of it; the API-only logging
+    override does not: the scheduler logs a worker's arrival at INFO."""
     documents = chart(image)
     cluster = new_cluster(documents).start(workers=1)  # scheduler /health probed ready on the way
     assert get_json(cluster, "/readyz")["workers"] >= 1
@@ -184,6 +187,17 @@ def test_chart_pods_run_the_remote_cluster(new_cluster: Callable[..., Cluster], 
 
     result = run_helm_test(cluster, documents)
     assert result.returncode == 0 and "ok:" in result.stdout, result.stdout + result.stderr
+
+    for pod in (cluster.scheduler, *cluster.worker_pods()):
+        seen = dask_settings_in(pod)
+        assert seen["settings"] == project_settings() and seen["logging"] is None, (pod.name, seen)
+    assert "Register worker" in cluster.logs(cluster.scheduler)
+
+
+def dask_settings_in(pod: Pod) -> dict[str, Any]:
+    """What a Dask process started in ``pod``'s container (its env, its image) reads."""
+    script = read_settings_script(sorted(project_settings()))
+    return json.loads(podman("exec", pod.container, "python3", "-c", script).stdout)
 
 
 def readme_recipe() -> dict[str, str]:

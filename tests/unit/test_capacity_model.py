@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench.capacity import share
-from bench.capacity_model import Profile, capacity_model, rates
+from bench.capacity_model import Profile, capacity_model, rates, worker_efficiency
 
 CHEAP = Profile(api_ms=0.5, scheduler_ms=0.4, worker_ms=1.4, scheduler_idle_ms_per_s=20)
 HEAVY = Profile(api_ms=0.8, scheduler_ms=1.5, worker_ms=35.0)
@@ -60,3 +60,29 @@ def test_bad_input_names_what_is_wrong(call, message: str) -> None:  # noqa: ANN
 def test_a_share_of_nothing_is_not_a_number_not_a_crash() -> None:
     # A tiny load's lone scheduler, less its housekeeping, can measure 0 ms (10 ms CPU ticks).
     assert math.isnan(share(0.5, 0.0)) and share(1.0, 2.0) == 0.5
+
+
+def test_worker_efficiency_compares_each_worker_round_with_the_bare_rounds_either_side() -> None:
+    # The machine speeds up between rounds: 10, 12, 14 fib/s bare; the worker does 95 % of its neighbours.
+    e = worker_efficiency(bare=[10, 12, 14], worker=[0.95 * 11, 0.95 * 13])
+    assert e.ratios == pytest.approx((0.95, 0.95))
+    assert e.median == e.low == e.high == pytest.approx(0.95)
+
+
+def test_a_last_worker_round_is_compared_with_the_bare_round_before_it() -> None:
+    e = worker_efficiency(bare=[10, 10], worker=[9, 9.5])
+    assert e.ratios == pytest.approx((0.9, 0.95))
+
+
+def test_worker_efficiency_reports_the_median_pair_and_the_spread() -> None:
+    # One round spoiled by a neighbour's burst moves the spread, not the median.
+    e = worker_efficiency(bare=[10, 10, 10, 10], worker=[9.4, 6.0, 9.3])
+    assert e.median == pytest.approx(0.93)
+    assert (e.low, e.high) == pytest.approx((0.60, 0.94))
+
+
+@pytest.mark.parametrize(("bare", "worker"), [([10], []), ([10], [9, 9]), ([10, 10, 10, 10], [9]), ([0, 10], [9])])
+def test_worker_efficiency_needs_interleaved_rounds_and_positive_bare_rates(bare: list[float],
+                                                                            worker: list[float]) -> None:
+    with pytest.raises(ValueError):
+        worker_efficiency(bare, worker)

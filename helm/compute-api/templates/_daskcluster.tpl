@@ -184,10 +184,6 @@ worker:
             value: {{ include "compute-api.schedulerAddressOf" (dict "root" . "name" $name) | quote }}
           - name: DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT
             value: {{ $worker.connectTimeout | quote }}
-          # The statistical profiler samples the task thread every 10 ms, holding the GIL to walk
-          # the stack: dashboard-only information paid for by every task (service/dask.yaml).
-          - name: DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED
-            value: "false"
           # The nanny restarts the worker at this fraction of --memory-limit (the container's
           # limit by default). distributed's 0.95 leaves too little room between two of the
           # nanny's checks for a fast-growing task: the kernel's OOM killer would come first.
