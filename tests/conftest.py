@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 
@@ -132,8 +133,13 @@ class DaskProcesses:
         wait_until(self._scheduler_listening, 30, what=f"scheduler on {self.address}")
 
     def _scheduler_listening(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-            return True
+        """Our scheduler process listens on the port: a connection alone could reach another process
+        that took the port first (free_port() only found it free a moment ago)."""
+        assert self.scheduler is not None
+        if self.scheduler.poll() is not None:
+            raise RuntimeError(f"the scheduler for {self.address} exited with {self.scheduler.returncode}")
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                   for c in psutil.Process(self.scheduler.pid).net_connections("tcp"))
 
     def stop_scheduler(self, kill: bool = False) -> None:
         if self.scheduler is not None:

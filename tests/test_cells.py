@@ -17,11 +17,12 @@ from sizing import fib_n_lasting, fib_value
 
 @pytest.fixture
 def two_cells(tmp_path: Path) -> Iterator[list[DaskProcesses]]:
-    cells = [DaskProcesses(tmp_path) for _ in range(2)]
+    cells: list[DaskProcesses] = []
     try:
-        for cell in cells:
-            cell.start_scheduler()
-            cell.start_worker()
+        for _ in range(2):  # one after the other: each picks its port while the previous one holds its own
+            cells.append(DaskProcesses(tmp_path))
+            cells[-1].start_scheduler()
+            cells[-1].start_worker()
         for cell in cells:
             cell.wait_for_workers(1)
         yield cells
