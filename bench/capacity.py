@@ -231,12 +231,12 @@ def efficiency_run(rounds: int, seconds: float, log_dir: Path) -> dict[str, Any]
     """A single-threaded worker (nanny included) pinned to one core, the scheduler, the API and this
     driver to the others; fib(n) of ~100-200 ms. Alternating rounds of ``seconds``: bare, worker, ...,
     bare. Also where the worker core's time went during the worker rounds (per thread, from the OS)."""
-    cores = sorted(os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
+    cores = sorted(allowed)
     if len(cores) < 2:
         return {"skipped": f"needs 2 cores, this process may use {cores}"}
     worker_core, others = cores[-1], set(cores[:-1])
     n = fib_n_for(EFFICIENCY_TASK_SECONDS)
-    allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, others)  # the scheduler and the API started below inherit it
     try:
         with (dask_cluster(1, log_dir, "efficiency", worker_cpus={worker_core}) as cluster,
@@ -253,15 +253,15 @@ def efficiency_run(rounds: int, seconds: float, log_dir: Path) -> dict[str, Any]
             for _ in range(rounds):
                 bare.append(bare_rate(n, seconds, worker_core))
                 core0, threads0 = core_busy_seconds(worker_core), thread_seconds(worker.pid)
-                tree0 = cpu_seconds(nanny.pid)
-                nanny0 = tree0 - cpu_seconds(worker.pid)
+                tree0, worker0 = cpu_seconds(nanny.pid), cpu_seconds(worker.pid)
                 start = time.perf_counter()
                 rate, answered = asyncio.run(worker_round(url, n, seconds))
                 busy["elapsed"] += time.perf_counter() - start
+                tree, worker_cpu = cpu_seconds(nanny.pid) - tree0, cpu_seconds(worker.pid) - worker0
                 rates.append(rate)
-                per_cpu.append(answered / (cpu_seconds(nanny.pid) - tree0))
+                per_cpu.append(answered / tree)
                 busy["core_busy"] += core_busy_seconds(worker_core) - core0
-                busy["nanny"] += cpu_seconds(nanny.pid) - cpu_seconds(worker.pid) - nanny0
+                busy["nanny"] += tree - worker_cpu
                 for tid, cpu in thread_seconds(worker.pid).items():
                     threads[tid] = threads.get(tid, 0.0) + cpu - threads0.get(tid, 0.0)
             bare.append(bare_rate(n, seconds, worker_core))

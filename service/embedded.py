@@ -5,8 +5,7 @@ work (system and memory monitors) would share the event loop that serves HTTP. S
 four duties, each handled here:
 
 * configuration: they get this process's Dask configuration (service/dask.yaml, service/dask-api.yaml
-  and DASK_*), the way
-  distributed's SSHCluster hands it to remote processes;
+  and DASK_*), the way distributed's SSHCluster hands it to remote processes;
 * Ctrl+C: the terminal sends SIGINT to the whole foreground process group. If the scheduler died of
   it first, the API's shutdown would wait out distributed's connect timeout (30 s) trying to retire
   workers through it. ``dask_setup`` (a Dask preload) moves each of them into a process group of

@@ -584,19 +584,19 @@ class Cluster:
                     errors.append(exc)
                     return
 
-        def supervise() -> None:
-            while True:
-                for name, autoscaler in applied().items():
-                    if name not in timers:
-                        decisions.setdefault(autoscaler["spec"]["cluster"], [])
-                        timers[name] = threading.Thread(target=timer, args=(name,), name=f"daskautoscaler-{name}",
-                                                        daemon=True)
-                        timers[name].start()
-                if stop.wait(1.0):
-                    return
+        def start_timers() -> None:
+            for name, autoscaler in applied().items():
+                if name not in timers:
+                    decisions.setdefault(autoscaler["spec"]["cluster"], [])
+                    timers[name] = threading.Thread(target=timer, args=(name,), name=f"daskautoscaler-{name}",
+                                                    daemon=True)
+                    timers[name].start()
 
-        for autoscaler in applied().values():  # every cell's list exists from the start
-            decisions[autoscaler["spec"]["cluster"]] = []
+        def supervise() -> None:
+            while not stop.wait(1.0):
+                start_timers()
+
+        start_timers()  # every applied cell's timer, and its list of decisions, from the start
         supervisor = threading.Thread(target=supervise, name="daskautoscalers", daemon=True)
         supervisor.start()
         try:
