@@ -3,8 +3,10 @@
 It wires five parts, each in a module of its own: ``service.inflight`` decides admission and
 coalescing (pure state machine), ``service.cells`` places each request on one of several
 independent Dask clusters ("cells", one or more; pure), ``service.connection`` talks to one
-scheduler, ``service.embedded`` runs ``make run``'s clusters. ``service.batching`` decides when
-cheap computations share one Dask task (pure): each stays a computation of its own here.
+scheduler, ``service.embedded`` runs ``make run``'s clusters. Cheap computations skip the
+scheduler's per-task bookkeeping: ``service.direct`` sends one straight to a free worker thread
+(pure choice of the worker), and ``service.batching`` decides when several share one Dask task
+while every thread is busy (pure). Each stays a computation of its own here.
 
 Failure model, in the order a request meets it (with several cells, each decision is a cell's; a
 request is refused only when no cell can take it):
@@ -17,6 +19,8 @@ request is refused only when no cell can take it):
   with ``COLD_START_QUEUE`` a bounded number of computations is admitted instead and waits for the
   autoscaler to start a worker (scale from zero);
 * the estimated queued work cannot finish in time -> ``Unavailable`` (admission control);
+* a worker taking a direct call is lost, retiring or without ``service.direct`` -> the computation
+  runs as a Dask task of the same cell instead, and that worker takes no direct call while listed;
 * the scheduler is lost while the computation is in flight -> the computation runs again on another
   cell that can serve (compute functions are pure), else ``Unavailable`` at once;
 * the computation takes longer than the request timeout -> ``ComputeTimeout``;
@@ -47,8 +51,9 @@ from service import functions, tasks
 from service.batching import Batch, Batcher, BatchLimits
 from service.cells import Cell, computation_key, failover, place
 from service.config import Settings
-from service.connection import SchedulerConnection
+from service.connection import DirectRefused, SchedulerConnection
 from service.cost import CostModel
+from service.direct import Lane
 from service.embedded import START_TIMEOUT, EmbeddedCluster, LowerWorkerPriority
 from service.errors import Abandoned, ComputeFailed, ComputeTimeout, Unavailable
 from service.inflight import Admit, Capacity, Computation, InFlight, Inline, Join, Limits, Reject
@@ -135,6 +140,7 @@ class Backend:
         self._batchers: list[dict[str, Batcher[_Member]]] = [{} for _ in addresses]
         self._lingers: dict[tuple[int, str], asyncio.TimerHandle] = {}
         self._tasks = [0] * len(addresses)  # Dask tasks in flight per cell (a batch is one)
+        self.lanes = [Lane() for _ in addresses]  # direct calls in flight per cell
         self._batch_runs: set[asyncio.Future[None]] = set()
         metrics.bind([
             CellReadings(
@@ -287,15 +293,39 @@ class Backend:
         self.costs[task.name].learn(arg, seconds)
         return value
 
-    # -- Dask tasks: one per computation, or one per batch (service.batching) -----------------
+    # -- direct calls (service.direct) and Dask tasks: one per computation or per batch --------
+
+    def _busy(self, index: int) -> int:
+        """Worker threads of cell ``index`` taken by this process: its Dask tasks and direct calls."""
+        return self._tasks[index] + self.lanes[index].in_flight
 
     async def _execute(
         self, index: int, task: functions.Function, arg: functions.Args, computation: Computation
     ) -> tuple[Any, float]:
-        """``(value, worker seconds)`` of one computation on cell ``index``, in a task of its own or
-        in a batch with other cheap ones while every worker thread of the cell is busy."""
+        """``(value, worker seconds)`` of one computation on cell ``index``: straight to a free worker
+        thread when it is cheap; else in a Dask task of its own, or in a batch with other cheap ones
+        while every worker thread of the cell is busy."""
+        if computation.cost <= self.settings.direct_max_cost:
+            lane = self.lanes[index]
+            address = lane.pick(self.connections[index].workers, self._tasks[index])
+            if address is not None:
+                lane.start(address)
+                try:
+                    outcome = await self.connections[index].call(address, task.func, arg)
+                    self.metrics.direct_calls.labels("answered").inc()
+                    return outcome
+                except ComputeFailed:
+                    self.metrics.direct_calls.labels("answered").inc()
+                    raise
+                except DirectRefused as exc:  # the worker could not: a Dask task takes it (below)
+                    logger.info("direct call refused, submitting a Dask task: %s", exc)
+                    lane.refuse(address)
+                    self.metrics.direct_calls.labels("refused").inc()
+                finally:
+                    lane.finish(address)
+                    self._thread_freed(index)
         batcher = self._batcher(index, task)
-        if not batcher.batches(computation.cost, self.cells[index].capacity.threads, self._tasks[index]):
+        if not batcher.batches(computation.cost, self.cells[index].capacity.threads, self._busy(index)):
             return await self._single(index, task, arg, computation)
         loop = asyncio.get_running_loop()
         member = _Member(arg, computation, loop.create_future())
@@ -336,7 +366,8 @@ class Backend:
         try:
             return await self.connections[index].result(future)
         finally:
-            self._task_done(index)
+            self._tasks[index] -= 1
+            self._thread_freed(index)
 
     def _send(self, index: int, task: functions.Function, batches: list[Batch[_Member]]) -> None:
         for batch in batches:
@@ -365,7 +396,8 @@ class Backend:
             _settle(members, exc)
             return
         finally:
-            self._task_done(index)
+            self._tasks[index] -= 1
+            self._thread_freed(index)
         for member, (ok, value, seconds) in zip(members, outcomes, strict=True):
             if not member.outcome.done():
                 if ok:
@@ -373,12 +405,11 @@ class Backend:
                 else:
                     member.outcome.set_exception(ComputeFailed(f"{type(value).__name__}: {value}"))
 
-    def _task_done(self, index: int) -> None:
-        """A Dask task of cell ``index`` ended: a freed thread takes the pending batches now."""
-        self._tasks[index] -= 1
+    def _thread_freed(self, index: int) -> None:
+        """A Dask task or direct call of cell ``index`` ended: a freed thread takes the pending batches now."""
         threads = self.cells[index].capacity.threads
         for name, batcher in self._batchers[index].items():
-            if (batch := batcher.freed(threads, self._tasks[index])) is not None:
+            if (batch := batcher.freed(threads, self._busy(index))) is not None:
                 self._send(index, self.registry[name], [batch])
 
     def _arm_linger(self, index: int, task: functions.Function) -> None:

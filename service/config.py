@@ -80,6 +80,13 @@ class Settings(BaseSettings):
         description="computations admitted and held while the cluster has no workers, so an autoscaler "
         "can start one (scale from zero); 0 = answer 503 at once",
     )
+    direct_max_cost: float = Field(
+        0.01,
+        ge=0,
+        le=10,
+        description="seconds; computations estimated cheaper than this go from the API straight to a worker "
+        "thread that is free, past the scheduler (its bookkeeping costs more than such work; 0 = never)",
+    )
     batch_max_size: int = Field(
         16,
         ge=1,

@@ -8,6 +8,9 @@
 * ``result()``: waits, maps Dask's failures onto ``service.errors``, and always releases the
   future when it returns or is cancelled: the scheduler forgets the task at once, not when the
   garbage collector gets round to a Future held by a reference cycle.
+* ``workers`` and ``call()``: the running workers and their threads (asked of the scheduler every
+  ``distributed.client.scheduler-info-interval``: the Client's own cache counts workers but does not
+  list them), and a direct call to one of them past the scheduler (``service.direct``).
 
 Reconnecting: after losing the scheduler, distributed retries for ``distributed.comm.timeouts.connect``
 and then closes its Client for good. A supervisor task builds a new Client whenever that happens.
@@ -21,9 +24,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed import Client, Future
 from distributed.client import FutureCancelledError
+from distributed.protocol import pickle
 
+from service import direct
 from service.errors import ComputeFailed, Unavailable
 from service.inflight import Capacity
 
@@ -31,6 +38,11 @@ logger = logging.getLogger("compute_api.connection")
 
 # Client states in which distributed will not reconnect by itself any more.
 GONE = ("closed", "closing", "failed")
+
+
+class DirectRefused(Exception):
+    """A worker could not take a direct call (gone, retiring, or without ``service.direct``): the
+    computation runs as a Dask task instead."""
 
 
 class SchedulerConnection:
@@ -49,7 +61,9 @@ class SchedulerConnection:
         self.retry_after = retry_after  # of the 503 for requests in flight when the scheduler is lost
         self.on_connect = on_connect  # e.g. register a worker plugin on every new Client
         self.client: Client | None = None
+        self.workers: dict[str, int] = {}  # running workers -> threads, for direct calls
         self._supervisor: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[Capacity] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -76,6 +90,7 @@ class SchedulerConnection:
     def supervise(self) -> None:
         """Start replacing Clients that distributed has given up on."""
         self._supervisor = asyncio.create_task(self._supervise(), name="dask-supervisor")
+        self._watcher = asyncio.create_task(self._watch_workers(), name="dask-workers")
 
     async def _supervise(self) -> None:
         # While a Client is merely "connecting", distributed is retrying by itself: interfering
@@ -89,8 +104,20 @@ class SchedulerConnection:
             except Exception as exc:
                 logger.debug("reconnect to %s failed: %r", self.address, exc)
 
+    async def _watch_workers(self) -> None:
+        interval = parse_timedelta(dask.config.get("distributed.client.scheduler-info-interval"))
+        while True:
+            client = self.client
+            try:
+                # Running workers only: one that is retiring or paused takes no new direct call.
+                self.workers = dict(await client.scheduler.ncores_running()) if self.connected else {}
+            except Exception as exc:  # the scheduler is being lost: the supervisor deals with that
+                logger.debug("workers of %s: %r", self.address, exc)
+                self.workers = {}
+            await asyncio.sleep(interval)
+
     async def close(self) -> None:
-        for task in (self._supervisor, self._refreshing):
+        for task in (self._supervisor, self._watcher, self._refreshing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -138,6 +165,24 @@ class SchedulerConnection:
     def submit(self, func: Callable[..., Any], *args: Any, key: str, priority: int) -> Future:
         assert self.client is not None, "submit() after a capacity() that said connected"
         return self.client.submit(func, *args, key=key, pure=False, priority=priority)
+
+    async def call(self, address: str, func: Callable[..., Any], arg: tuple[Any, ...]) -> tuple[Any, float]:
+        """``(value, worker seconds)`` of ``func(*arg)`` run by the worker at ``address`` directly;
+        ``DirectRefused`` when that worker cannot, ``ComputeFailed`` when the function raised."""
+        client = self.client
+        if client is None:
+            raise DirectRefused("not connected")
+        try:
+            reply = await client.rpc(address).compute_api_call(function=pickle.dumps(func), args=pickle.dumps(arg))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the worker is gone or closing, or the comm failed
+            raise DirectRefused(f"{address}: {exc!r}") from exc
+        if not isinstance(reply, dict) or "ok" not in reply:  # a worker without service.direct replies None
+            raise DirectRefused(f"{address} has no {direct.HANDLER} handler")
+        if not reply["ok"]:
+            raise ComputeFailed(reply["error"])
+        return pickle.loads(reply["result"])
 
     async def result(self, future: Future) -> Any:
         """The task's result; ``Unavailable`` if the scheduler was lost, ``ComputeFailed`` if it raised."""

@@ -86,6 +86,15 @@ class Metrics:
             "Dask tasks submitted: one per computation, or one per batch of cheap computations.",
             registry=self.registry,
         )
+        self.direct_calls = Counter(
+            "compute_api_direct_calls",
+            "Cheap computations sent straight to a worker, past the scheduler, by outcome: answered "
+            "(a value or the function's error), or refused by the worker (then run as a Dask task).",
+            ("outcome",),
+            registry=self.registry,
+        )
+        for outcome in ("answered", "refused"):
+            self.direct_calls.labels(outcome)
         self.batch_size = Histogram(
             "compute_api_batch_size",
             "Computations per batched Dask task (only computations that waited in a batch).",

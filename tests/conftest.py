@@ -21,6 +21,7 @@ import httpx
 import psutil
 import pytest
 import uvicorn
+from dask_settings import FILE as DASK_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -110,13 +111,14 @@ class ServerProcess:
 
 
 class DaskProcesses:
-    """A real ``dask scheduler`` and ``dask worker`` processes on loopback."""
+    """A real ``dask scheduler`` and ``dask worker`` processes on loopback, reading the project's Dask
+    settings as the image's do (``DASK_CONFIG``: service/dask.yaml, with its ``service.direct`` preload)."""
 
     def __init__(self, log_dir: Path, env: Mapping[str, str] | None = None, port: int | None = None) -> None:
         self.port = port or free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.log_dir = log_dir
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, "DASK_CONFIG": str(DASK_SETTINGS), **(env or {})}
         self.scheduler: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
 
