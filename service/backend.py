@@ -318,9 +318,12 @@ class Backend:
                     self.metrics.direct_calls.labels("answered").inc()
                     raise
                 except DirectRefused as exc:  # the worker could not: a Dask task takes it (below)
-                    logger.info("direct call refused, submitting a Dask task: %s", exc)
-                    lane.refuse(address)
-                    self.metrics.direct_calls.labels("refused").inc()
+                    if exc.busy:
+                        self.metrics.direct_calls.labels("busy").inc()
+                    else:
+                        logger.info("direct call refused, submitting a Dask task: %s", exc)
+                        lane.refuse(address)
+                        self.metrics.direct_calls.labels("refused").inc()
                 finally:
                     lane.finish(address)
                     self._thread_freed(index)

@@ -41,8 +41,13 @@ GONE = ("closed", "closing", "failed")
 
 
 class DirectRefused(Exception):
-    """A worker could not take a direct call (gone, retiring, or without ``service.direct``): the
-    computation runs as a Dask task instead."""
+    """A worker could not take a direct call: the computation runs as a Dask task instead. ``busy``:
+    only for now (every thread of the worker runs a Dask task); else it is gone, retiring, or
+    without ``service.direct``."""
+
+    def __init__(self, message: str, *, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
 
 
 class SchedulerConnection:
@@ -178,8 +183,10 @@ class SchedulerConnection:
             raise
         except Exception as exc:  # the worker is gone or closing, or the comm failed
             raise DirectRefused(f"{address}: {exc!r}") from exc
-        if not isinstance(reply, dict) or "ok" not in reply:  # a worker without service.direct replies None
+        if not isinstance(reply, dict):  # a worker without service.direct replies None
             raise DirectRefused(f"{address} has no {direct.HANDLER} handler")
+        if reply.get("busy"):
+            raise DirectRefused(f"{address}: every thread runs a Dask task", busy=True)
         if not reply["ok"]:
             raise ComputeFailed(reply["error"])
         return pickle.loads(reply["result"])

@@ -17,6 +17,9 @@ from its proxies straight to replicas for the same reason. Here:
   (``DIRECT_MAX_COST``) and the cell has a thread that neither its Dask tasks nor its direct calls
   occupy (``Lane.pick``). Otherwise it submits a Dask task (batched or not). Under saturation, cheap
   work therefore queues on the scheduler, which sees it and scales up;
+* a worker whose every thread runs a Dask task answers "busy" at once instead of making a call
+  wait behind them (the API does not know which worker runs its tasks); the computation goes to
+  the scheduler, which queues it where a thread frees first;
 * a direct call that fails for the worker's sake (the worker is gone or retiring, or it lacks the
   handler: a cluster without this preload) runs as a Dask task instead. That worker is skipped
   while the scheduler still lists it. The function itself raising is the request's answer, as
@@ -58,6 +61,7 @@ class Lane:
         self.calls_per_thread = calls_per_thread
         self.calls: Counter[str] = Counter()
         self.refused: set[str] = set()  # workers that failed a direct call, skipped while listed
+        self._turn = 0  # rotates the first worker looked at, so ties spread over the workers
 
     @property
     def in_flight(self) -> int:
@@ -71,8 +75,11 @@ class Lane:
         if tasks_in_flight + self.in_flight >= per * sum(workers.values()):
             return None
         best, most = None, 0
-        for address, threads in workers.items():
-            free = per * threads - self.calls[address]
+        addresses = list(workers)
+        self._turn += 1
+        for i in range(len(addresses)):
+            address = addresses[(self._turn + i) % len(addresses)]
+            free = per * workers[address] - self.calls[address]
             if free > most and address not in self.refused:
                 best, most = address, free
         return best
@@ -114,6 +121,9 @@ class DirectCalls:
     async def call(self, function: bytes, args: bytes) -> dict[str, Any]:
         from service.functions import timed  # noqa: PLC0415 - only once a call arrives (keeps the preload light)
 
+        state = self.worker.state
+        if len(state.executing) >= state.nthreads:  # every thread runs a Dask task: do not queue behind them
+            return {"busy": True}
         func, arg = pickle.loads(function), pickle.loads(args)
         self._ids += 1
         call, start = self._ids, time.monotonic()

@@ -89,11 +89,12 @@ class Metrics:
         self.direct_calls = Counter(
             "compute_api_direct_calls",
             "Cheap computations sent straight to a worker, past the scheduler, by outcome: answered "
-            "(a value or the function's error), or refused by the worker (then run as a Dask task).",
+            "(a value or the function's error); busy (every thread of the worker ran a Dask task) or "
+            "refused (the worker is gone or lacks service.direct), then run as a Dask task.",
             ("outcome",),
             registry=self.registry,
         )
-        for outcome in ("answered", "refused"):
+        for outcome in ("answered", "busy", "refused"):
             self.direct_calls.labels(outcome)
         self.batch_size = Histogram(
             "compute_api_batch_size",

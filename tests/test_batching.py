@@ -100,14 +100,19 @@ def test_busy_workers_batch_cheap_work_and_every_answer_is_right(tmp_path: Path,
         assert scrape(server.url)["compute_api_computations_in_flight"] == 0
 
 
-def test_idle_workers_get_cheap_work_one_task_each(tmp_path: Path, dask_cluster_procs: DaskProcesses) -> None:
-    # Two idle threads, one request at a time: batching would only serialise work they can run.
-    with ServerProcess(tmp_path, env={"DASK_SCHEDULER_ADDRESS": dask_cluster_procs.address, **SETTINGS}) as server:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-calls", "no-direct-calls"])
+def test_idle_workers_get_cheap_work_one_at_a_time(tmp_path: Path, dask_cluster_procs: DaskProcesses,
+                                                   direct: bool) -> None:
+    # Two idle threads, one request at a time: batching would only serialise work they can run. Each
+    # goes straight to a worker (service.direct), or, with direct calls off, in a Dask task of its own.
+    env = {"DASK_SCHEDULER_ADDRESS": dask_cluster_procs.address, **SETTINGS, **({} if direct else {"DIRECT_MAX_COST": "0"})}
+    with ServerProcess(tmp_path, env=env) as server:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for _ in range(10):
                 r = client.get(f"/fib/{CHEAP_N}")
                 assert r.json() == {"n": CHEAP_N, "value": fib_value(CHEAP_N)}, r.text
-        assert batched(server.url) == (10, 0, 0)
+        assert batched(server.url) == ((0, 0, 0) if direct else (10, 0, 0))
+        assert scrape(server.url)['compute_api_direct_calls_total{outcome="answered"}'] == (10 if direct else 0)
 
 
 def test_one_failing_item_fails_only_itself(tmp_path: Path, one_thread: DaskProcesses) -> None:
