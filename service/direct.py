@@ -32,7 +32,6 @@ the worker's port already runs what its peers send it, so this handler adds no n
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import Counter
@@ -119,6 +118,9 @@ class DirectCalls:
         self._ids = 0
 
     async def call(self, function: bytes, args: bytes) -> dict[str, Any]:
+        from distributed.utils import run_in_executor_with_context  # noqa: PLC0415 - inside a Dask process
+        from distributed.worker import _worker_cvar  # noqa: PLC0415
+
         from service.functions import timed  # noqa: PLC0415 - only once a call arrives (keeps the preload light)
 
         state = self.worker.state
@@ -128,12 +130,14 @@ class DirectCalls:
         self._ids += 1
         call, start = self._ids, time.monotonic()
         self.running[call] = start
+        # The function sees the worker as in a task (distributed.get_worker()), as Worker.actor_execute sets it.
+        token = _worker_cvar.set(self.worker)
         try:
-            value, seconds = await asyncio.get_running_loop().run_in_executor(
-                self.worker.executors["default"], timed, func, *arg)
+            value, seconds = await run_in_executor_with_context(self.worker.executors["default"], timed, func, *arg)
         except Exception as exc:  # the function raised: the request's answer, as from a task
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         finally:
+            _worker_cvar.reset(token)
             del self.running[call]
             self.finished += time.monotonic() - max(start, self.since)
         return {"ok": True, "result": pickle.dumps((value, seconds))}

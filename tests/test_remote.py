@@ -59,7 +59,9 @@ def test_results_come_from_the_workers_not_through_the_scheduler(
             dask_scheduler.handlers[name] = counted
 
     dask_cluster_procs.scheduler_call(count_relays)
-    with remote_server(tmp_path, dask_cluster_procs, INLINE_MAX_COST="0", COALESCE="false") as server:
+    # DIRECT_MAX_COST=0: these cheap computations would otherwise skip the scheduler altogether.
+    with remote_server(tmp_path, dask_cluster_procs, INLINE_MAX_COST="0", COALESCE="false",
+                       DIRECT_MAX_COST="0") as server:
         for n in range(20, 26):
             assert httpx.get(f"{server.url}/fib/{n}").json() == {"n": n, "value": fib_value(n)}
         counts = dask_cluster_procs.scheduler_call(lambda dask_scheduler: dask_scheduler.compute_api_test_counts)
