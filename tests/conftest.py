@@ -21,7 +21,8 @@ import httpx
 import psutil
 import pytest
 import uvicorn
-from dask_settings import FILE as DASK_SETTINGS
+
+from bench.processes import DASK_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-FILE = Path(__file__).resolve().parent.parent / "service" / "dask.yaml"
+from bench.processes import DASK_SETTINGS as FILE  # the one path to service/dask.yaml
 
 
 def project_settings() -> dict[str, Any]:

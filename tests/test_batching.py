@@ -105,7 +105,9 @@ def test_idle_workers_get_cheap_work_one_at_a_time(tmp_path: Path, dask_cluster_
                                                    direct: bool) -> None:
     # Two idle threads, one request at a time: batching would only serialise work they can run. Each
     # goes straight to a worker (service.direct), or, with direct calls off, in a Dask task of its own.
-    env = {"DASK_SCHEDULER_ADDRESS": dask_cluster_procs.address, **SETTINGS, **({} if direct else {"DIRECT_MAX_COST": "0"})}
+    env = {"DASK_SCHEDULER_ADDRESS": dask_cluster_procs.address, **SETTINGS}
+    if not direct:
+        env["DIRECT_MAX_COST"] = "0"
     with ServerProcess(tmp_path, env=env) as server:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for _ in range(10):

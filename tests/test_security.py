@@ -27,7 +27,7 @@ from conftest import BIN, ROOT, DaskProcesses, ServerProcess
 from distributed import Client, Security
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
-from recorder import SubmissionRecorder, recorded
+from recorder import DirectCallRecorder, SubmissionRecorder, direct_calls, recorded
 from sizing import fib_value
 from starlette.testclient import TestClient
 
@@ -53,6 +53,7 @@ def recorded_app() -> Iterator[tuple[TestClient, Client]]:
         mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
         with TestClient(app) as client, Client(app.state.backend.address, set_as_default=False) as dask:
             dask.register_plugin(SubmissionRecorder())
+            dask.register_plugin(DirectCallRecorder())
             yield client, dask
 
 
@@ -67,7 +68,7 @@ HOSTILE = st.one_of(
 )
 
 
-def test_only_registered_functions_with_validated_args_reach_the_scheduler(
+def test_only_registered_functions_with_validated_args_reach_the_cluster(
     recorded_app: tuple[TestClient, Client],
 ) -> None:
     client, dask = recorded_app
@@ -87,10 +88,10 @@ def test_only_registered_functions_with_validated_args_reach_the_scheduler(
         assert client.request(method, "/fib/20").status_code == 405
     for n in (0, MAX_N):  # the edges of the valid range do reach the cluster
         assert client.get(f"/fib/{n}").status_code == 200
-    submitted = dask.run_on_scheduler(recorded)
-    print(f"{sum(statuses.values())} hostile values of n -> statuses {statuses}; "
-          f"{len(submitted)} tasks reached the scheduler, all of them service.tasks.fib(0..{MAX_N})")
-    assert_declared_and_validated(submitted)
+    submitted, direct = dask.run_on_scheduler(recorded), called(dask)
+    print(f"{sum(statuses.values())} hostile values of n -> statuses {statuses}; {len(submitted)} tasks "
+          f"reached the scheduler and {len(direct)} direct calls a worker, all of them service.tasks.fib(0..{MAX_N})")
+    assert_declared_and_validated(submitted, direct)
 
 
 def computations(submitted: list[tuple[str, object, tuple]]) -> list[tuple[str, object, tuple]]:
@@ -106,21 +107,35 @@ def computations(submitted: list[tuple[str, object, tuple]]) -> list[tuple[str, 
     return out
 
 
-def assert_declared_and_validated(submitted: list[tuple[str, object, tuple]]) -> None:
+def called(dask: Client) -> list[tuple[object, tuple]]:
+    """Every direct call the workers received (service.direct): ``(function, arguments)``."""
+    return [call for calls in dask.run(direct_calls).values() for call in calls]
+
+
+def assert_declared_and_validated(submitted: list[tuple[str, object, tuple]],
+                                  direct: list[tuple[object, tuple]] = ()) -> None:
     """Every task that reached the scheduler is a declared function, run through a timing wrapper
-    (one computation, or a micro-batch of them), with arguments its declaration accepts exactly as
-    they are (the canonical form)."""
-    assert submitted, "nothing reached the scheduler: the check would be vacuous"
+    (one computation, or a micro-batch of them), and every direct call a worker received is a
+    declared function, each with arguments its declaration accepts exactly as they are (the
+    canonical form)."""
+    assert submitted or direct, "nothing reached the cluster: the check would be vacuous"
     for key, func, args in computations(submitted):
         match = KEY.match(key)
         assert match, key
-        name = match.group(1)
         wrapper = "service.functions.timed_batch" if match.group(2) == "batch" else "service.functions.timed"
         assert func == wrapper, (key, func)
-        assert args[0] == f"service.tasks.{name}", (key, args)
-        declared = REGISTRY[name]
-        assert declared.validate(declared.kwargs(args[1:]), {"n": MAX_N}) == args[1:], (key, args)
-        assert [type(a) for a in args[1:]] == [type(a) for a in declared.validate(declared.calibration)], (key, args)
+        assert_validated(match.group(1), args[0], args[1:])
+    for func, args in direct:
+        name = str(func).removeprefix("service.tasks.")
+        assert name in REGISTRY, func
+        assert_validated(name, func, args)
+
+
+def assert_validated(name: str, func: object, args: tuple) -> None:
+    assert func == f"service.tasks.{name}", (name, func, args)
+    declared = REGISTRY[name]
+    assert declared.validate(declared.kwargs(args), {"n": MAX_N}) == args, (name, args)
+    assert [type(a) for a in args] == [type(a) for a in declared.validate(declared.calibration)], (name, args)
 
 
 # Hostile values for the declared parameters of /compute/{name}: HOSTILE's spellings plus JSON's own
@@ -193,12 +208,13 @@ def test_compute_routes_submit_only_declared_functions_with_validated_args(
     assert client.get("/compute/fib", params={"n": MAX_N}).status_code == 200
     assert client.post("/compute/derive", json={"text": "t" * 1024, "salt": "s", "iterations": 10,
                                                 "hash": "sha512", "length": 64}).status_code == 200
-    submitted = dask.run_on_scheduler(recorded)
-    names = sorted({key.split("-")[0] for key, _, _ in submitted})
+    submitted, direct = dask.run_on_scheduler(recorded), called(dask)
+    names = sorted({key.split("-")[0] for key, _, _ in submitted} | {str(f).split(".")[-1] for f, _ in direct})
     print(f"hostile /compute calls by (method, status): {dict(sorted(statuses.items()))}; "
-          f"{len(submitted)} tasks reached the scheduler, all declared ({names}) with validated arguments")
+          f"{len(submitted)} tasks reached the scheduler and {len(direct)} direct calls a worker, all declared "
+          f"({names}) with validated arguments")
     assert names == ["derive", "fib"]
-    assert_declared_and_validated(submitted)
+    assert_declared_and_validated(submitted, direct)
 
 
 def test_micro_batches_carry_only_declared_functions_with_validated_args(
