@@ -38,15 +38,20 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from distributed import Scheduler, Worker
 from distributed.protocol import pickle
+from distributed.utils import run_in_executor_with_context
+from distributed.worker import _worker_cvar  # what distributed.get_worker() reads
 
 HANDLER = "compute_api_call"
-CALLS_PER_THREAD = 2
 BUSY = "compute_api_direct_busy"  # the worker metric: threads kept busy by direct calls since the last heartbeat
 
 # Direct calls a worker thread may have waiting for it before more cheap work goes to the scheduler
 # (as Ray Serve's max_ongoing_requests): one more keeps a thread fed while a reply travels back.
-# CALLS_PER_THREAD_REASON
+# `python -m bench.batching --rate 300`, fib(21) (~1 ms), 2 single-threaded workers: scheduler CPU
+# per request 0.60 ms with 1 call per thread (most requests found both threads taken and became
+# Dask tasks), 0.03 ms with 2, 0.02 ms with 3 (longer queues on the workers for nothing).
+CALLS_PER_THREAD = 2
 
 # The share of a worker's threads that direct calls may keep busy before the scheduler asks for
 # more workers on their behalf: as Dask's own target keeps headroom for queued work.
@@ -118,9 +123,6 @@ class DirectCalls:
         self._ids = 0
 
     async def call(self, function: bytes, args: bytes) -> dict[str, Any]:
-        from distributed.utils import run_in_executor_with_context  # noqa: PLC0415 - inside a Dask process
-        from distributed.worker import _worker_cvar  # noqa: PLC0415
-
         from service.functions import timed  # noqa: PLC0415 - only once a call arrives (keeps the preload light)
 
         state = self.worker.state
@@ -153,8 +155,6 @@ class DirectCalls:
 
 def dask_setup(server: Any) -> None:
     """The Dask preload hook (``distributed.worker.preload`` / ``distributed.scheduler.preload``)."""
-    from distributed import Scheduler, Worker  # noqa: PLC0415 - the preload runs inside a Dask process
-
     if isinstance(server, Worker):
         calls = DirectCalls(server)
         server.handlers[HANDLER] = calls.call
