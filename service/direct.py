@@ -33,6 +33,7 @@ the worker's port already runs what its peers send it, so this handler adds no n
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -117,10 +118,12 @@ class DirectCalls:
 
     def __init__(self, worker: Any) -> None:
         self.worker = worker
-        self.running: dict[int, float] = {}  # call id -> start
+        self.running: dict[int, float] = {}  # call id -> when a thread started it
         self.finished = 0.0  # busy seconds of calls finished since the last heartbeat
         self.since = time.monotonic()
         self._ids = 0
+        # The pool's threads record when they start and end a call, the event loop reads: one lock.
+        self._lock = threading.Lock()
 
     async def call(self, function: bytes, args: bytes) -> dict[str, Any]:
         from service.functions import timed  # noqa: PLC0415 - only once a call arrives (keeps the preload light)
@@ -130,26 +133,37 @@ class DirectCalls:
             return {"busy": True}
         func, arg = pickle.loads(function), pickle.loads(args)
         self._ids += 1
-        call, start = self._ids, time.monotonic()
-        self.running[call] = start
+        call = self._ids
+
+        def run() -> tuple[Any, float]:
+            # Busy from when a thread takes the call, not from its arrival: up to CALLS_PER_THREAD
+            # calls per thread wait in the pool, and a waiting call keeps no thread busy.
+            with self._lock:
+                self.running[call] = time.monotonic()
+            try:
+                return timed(func, *arg)
+            finally:
+                with self._lock:
+                    start = self.running.pop(call)
+                    self.finished += time.monotonic() - max(start, self.since)
+
         # The function sees the worker as in a task (distributed.get_worker()), as Worker.actor_execute sets it.
         token = _worker_cvar.set(self.worker)
         try:
-            value, seconds = await run_in_executor_with_context(self.worker.executors["default"], timed, func, *arg)
+            value, seconds = await run_in_executor_with_context(self.worker.executors["default"], run)
         except Exception as exc:  # the function raised: the request's answer, as from a task
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         finally:
             _worker_cvar.reset(token)
-            del self.running[call]
-            self.finished += time.monotonic() - max(start, self.since)
         return {"ok": True, "result": pickle.dumps((value, seconds))}
 
     def busy(self, worker: Any = None) -> float:
         """Threads busy with direct calls on average since the last reading (each heartbeat reads it)."""
-        now = time.monotonic()
-        elapsed = now - self.since
-        seconds = self.finished + sum(now - max(start, self.since) for start in self.running.values())
-        self.finished, self.since = 0.0, now
+        with self._lock:
+            now = time.monotonic()
+            elapsed = now - self.since
+            seconds = self.finished + sum(now - max(start, self.since) for start in self.running.values())
+            self.finished, self.since = 0.0, now
         return seconds / elapsed if elapsed > 0 else 0.0
 
 
