@@ -68,9 +68,10 @@ def on_workers(cluster: DaskProcesses, func: Callable[[Any], Any]) -> dict[str, 
         return dict(client.run(lambda dask_worker: (str(dask_worker.name), func(dask_worker))).values())
 
 
-def direct_calls_running(cluster: DaskProcesses) -> dict[str, int]:
-    """Direct calls each worker has taken and not yet answered (running or waiting for its thread)."""
-    return on_workers(cluster, lambda dask_worker: len(dask_worker.handlers[HANDLER].__self__.running))
+def direct_calls_in_flight(cluster: DaskProcesses) -> dict[str, int]:
+    """Direct calls each worker has received and not yet answered (running or waiting for its thread):
+    the comms on which its ``Server`` is handling the call."""
+    return on_workers(cluster, lambda dask_worker: sum(op == HANDLER for op in dask_worker._comms.values()))
 
 
 def wait_for_direct_calls(url: str) -> None:
@@ -195,7 +196,7 @@ def test_requests_in_flight_on_a_killed_worker_are_answered_by_dask_tasks(
             async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
                 pending = [asyncio.ensure_future(client.get(f"/fib/{IN_FLIGHT_N}")) for _ in range(calls)]
                 await asyncio.to_thread(
-                    wait_until, lambda: direct_calls_running(cluster) == {"worker-0": 2, "worker-1": 2}, 60, 0.05,
+                    wait_until, lambda: direct_calls_in_flight(cluster) == {"worker-0": 2, "worker-1": 2}, 60, 0.05,
                     "two direct calls in flight on each worker")
                 assert not any(p.done() for p in pending)
                 await asyncio.to_thread(cluster.kill_worker, "worker-0")
