@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from service.direct import BUSY, CALLS_PER_THREAD, HANDLER, TARGET_UTILISATION
 CHEAP_N = fib_n_lasting(0.001)
 EXPENSIVE_N = fib_n_lasting(0.2)
 IN_FLIGHT_N = fib_n_lasting(1.0)  # outlasts the steps between "running" and the kill
-LOAD_N = fib_n_lasting(0.05)  # keeps a worker thread busy between two of the API's round trips
+LOAD_N = fib_n_lasting(0.2)  # keeps a worker thread busy while the API turns the previous call round
 # INLINE_MAX_COST=0: nothing runs in the API process. COALESCE=false: identical requests are distinct
 # computations. Generous admission and timeouts: the machine's speed must not refuse anything.
 SETTINGS = {"INLINE_MAX_COST": "0", "COALESCE": "false", "FIB_MAX_N": "45", "MAX_QUEUE_WAIT": "600",
@@ -36,6 +37,7 @@ ANSWERED = 'compute_api_direct_calls_total{outcome="answered"}'
 REFUSED = 'compute_api_direct_calls_total{outcome="refused"}'
 BUSY_REPLIES = 'compute_api_direct_calls_total{outcome="busy"}'
 TASKS = "compute_api_dask_tasks_total"
+HEARTBEAT = 0.5  # seconds between a worker's heartbeats (distributed, up to 10 workers): BUSY's interval
 
 
 def remote_server(tmp_path: Path, cluster: DaskProcesses, **env: str) -> ServerProcess:
@@ -223,17 +225,24 @@ def test_the_adaptive_target_counts_the_workers_that_direct_calls_keep_busy(
             "dask": type(dask_scheduler).adaptive_target(dask_scheduler),  # Dask's own, tasks only
             "tasks": len(dask_scheduler.tasks),
             "busy": {ws.name: ws.metrics.get(BUSY) for ws in dask_scheduler.workers.values()},
+            "heard": min(ws.last_seen for ws in dask_scheduler.workers.values()),  # the oldest last heartbeat
         }
 
     def read() -> dict[str, Any]:
         return cluster.scheduler_call(targets)
 
-    # DIRECT_MAX_COST above LOAD_N's cost: each call keeps a worker thread busy ~50 ms.
-    with remote_server(tmp_path, cluster, DIRECT_MAX_COST="1") as server:
+    # DIRECT_MAX_COST above LOAD_N's cost: each call keeps a worker thread busy ~0.2 s.
+    with remote_server(tmp_path, cluster, DIRECT_MAX_COST="5") as server:
         wait_for_direct_calls(server.url)
-        wait_until(lambda: (idle := read())["target"] == idle["dask"] and idle["tasks"] == 0, 30, 0.2,
-                   "the warm-up forgotten")
+        warmed_up = time.time()  # the scheduler's clock (the same machine)
+
+        def idle_again() -> bool:  # heartbeats well after the warm-up: its call reported, now all idle
+            idle = read()
+            return idle["heard"] > warmed_up + 2 * HEARTBEAT and not any(idle["busy"].values()) \
+                and idle["tasks"] == 0
+        wait_until(idle_again, 30, 0.2, "the warm-up's direct call reported and over")
         idle = read()
+        assert idle["dask"] < workers, idle  # Dask's own target: idle workers may go
         before = counters(server.url)
         stop = asyncio.Event()
         readings: list[dict[str, Any]] = []
@@ -246,7 +255,7 @@ def test_the_adaptive_target_counts_the_workers_that_direct_calls_keep_busy(
                 sent += 1
             return sent
 
-        async def scenario() -> int:
+        async def scenario() -> tuple[int, dict[str, Any]]:
             async with httpx.AsyncClient(base_url=server.url, timeout=600,
                                          limits=httpx.Limits(max_connections=concurrency)) as client:
                 loops = [asyncio.ensure_future(load(client)) for _ in range(concurrency)]
@@ -254,22 +263,31 @@ def test_the_adaptive_target_counts_the_workers_that_direct_calls_keep_busy(
                 def busy_enough() -> bool:
                     assert not any(loop.done() for loop in loops)  # a failed answer ends the test at once
                     readings.append(read())
-                    return readings[-1]["target"] >= workers
+                    return all(readings[-1]["busy"].values()) and readings[-1]["target"] >= workers
+
+                def heard_twice_more() -> bool:  # two more heartbeats of every worker under the same load
+                    assert not any(loop.done() for loop in loops)
+                    readings.append(read())
+                    return readings[-1]["heard"] > counted["heard"] + 2 * HEARTBEAT
                 try:
                     await asyncio.to_thread(wait_until, busy_enough, 60, 0.2, "the target to count the busy workers")
-                    readings.append(await asyncio.to_thread(read))  # the load still running: it holds
+                    counted = readings[-1]
+                    await asyncio.to_thread(wait_until, heard_twice_more, 60, 0.2, "two more heartbeats")
                 finally:
                     stop.set()
-                return sum(await asyncio.gather(*loops))
+                return sum(await asyncio.gather(*loops)), counted
 
-        sent = asyncio.run(scenario())
-        under_load = readings[-1]
+        sent, under_load = asyncio.run(scenario())
         print(f"idle: {idle}; under a closed loop of {concurrency} x fib({LOAD_N}): {under_load} "
               f"({len(readings)} readings, {sent} requests)")
-        assert under_load["tasks"] == 0 and under_load["dask"] == idle["dask"] < workers
-        assert all(busy > 0 for busy in under_load["busy"].values()), under_load
-        assert workers <= under_load["target"] <= math.ceil(workers / TARGET_UTILISATION), \
-            f"{workers} single-threaded workers busy: {under_load}"
+        # Every worker reported direct calls, the target counts them all, while Dask's own would let
+        # them go: the scheduler has no task.
+        assert under_load["tasks"] == 0 and under_load["dask"] == idle["dask"] < workers <= under_load["target"]
+        # ... and never asks for more than the busy threads call for, even with calls waiting for a thread
+        # (up to CALLS_PER_THREAD a thread), in the readings until then and in two more heartbeats' worth
+        for reading in readings:
+            assert reading["tasks"] == 0 and reading["target"] <= math.ceil(workers / TARGET_UTILISATION), \
+                f"{workers} single-threaded workers: {reading}"
         delta = grown(before, counters(server.url))
         assert delta == {ANSWERED: sent, REFUSED: 0, BUSY_REPLIES: 0, TASKS: 0}, delta
 
