@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import DaskProcesses, ServerProcess, scrape, wait_until
+from conftest import ROOT, DaskProcesses, ServerProcess, free_port, scrape, uvicorn_thread, wait_until
+from failing import FAILING
 from sizing import fib_n_lasting, fib_value
 
+from service.app import create_app
+from service.config import Settings
 from service.direct import BUSY, CALLS_PER_THREAD, HANDLER, TARGET_UTILISATION
 
 # Sized from this machine. CHEAP is well under DIRECT_MAX_COST's default (0.01 s) even on a worker
@@ -28,6 +32,7 @@ from service.direct import BUSY, CALLS_PER_THREAD, HANDLER, TARGET_UTILISATION
 CHEAP_N = fib_n_lasting(0.001)
 EXPENSIVE_N = fib_n_lasting(0.2)
 IN_FLIGHT_N = fib_n_lasting(1.0)  # outlasts the steps between "running" and the kill
+BLOCKER_N = fib_n_lasting(3.0)  # a Dask task that outlasts a direct call's round trip many times over
 LOAD_N = fib_n_lasting(0.2)  # keeps a worker thread busy while the API turns the previous call round
 # INLINE_MAX_COST=0: nothing runs in the API process. COALESCE=false: identical requests are distinct
 # computations. Generous admission and timeouts: the machine's speed must not refuse anything.
@@ -76,11 +81,11 @@ def direct_calls_in_flight(cluster: DaskProcesses) -> dict[str, int]:
     return on_workers(cluster, lambda dask_worker: sum(op == HANDLER for op in dask_worker._comms.values()))
 
 
-def wait_for_direct_calls(url: str) -> None:
+def wait_for_direct_calls(url: str, n: int = CHEAP_N) -> None:
     """The API lists the cell's workers every scheduler-info-interval (0.5 s), and /readyz does not
     wait for that list: until it arrives, cheap work goes to the scheduler. Wait for a direct call."""
     def answered_directly() -> bool:
-        assert httpx.get(f"{url}/fib/{CHEAP_N}", timeout=60).json() == {"n": CHEAP_N, "value": fib_value(CHEAP_N)}
+        assert httpx.get(f"{url}/fib/{n}", timeout=60).json() == {"n": n, "value": fib_value(n)}
         return scrape(url)[ANSWERED] >= 1
     wait_until(answered_directly, 30, 0.1, "a first direct call")
 
@@ -294,3 +299,72 @@ def test_the_adaptive_target_counts_the_workers_that_direct_calls_keep_busy(
         # The load over: the next heartbeats report idle workers and the target falls back to Dask's.
         wait_until(lambda: (after := read())["target"] == after["dask"] == idle["dask"], 30, 0.2,
                    "the target back to Dask's own")
+
+
+def test_a_worker_whose_threads_all_run_dask_tasks_answers_busy_and_the_request_queues_on_the_scheduler(
+    tmp_path: Path
+) -> None:
+    cluster = DaskProcesses(tmp_path)
+    try:
+        cluster.start_scheduler()
+        cluster.start_worker()  # one thread
+        cluster.wait_for_workers(1)
+        with remote_server(tmp_path, cluster) as server:
+            wait_for_direct_calls(server.url)
+            wait_until(lambda: scheduler_tasks(cluster) == 0, 30, 0.1, "no task left from the warm-up")
+            before = counters(server.url)
+
+            async def scenario() -> tuple[httpx.Response, httpx.Response, dict[str, float]]:
+                async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+                    blocker = asyncio.ensure_future(client.get(f"/fib/{BLOCKER_N}"))  # above DIRECT_MAX_COST
+                    await asyncio.to_thread(
+                        wait_until, lambda: on_workers(cluster, lambda w: len(w.state.executing)) == {"worker-0": 1},
+                        60, 0.05, "the blocker running on the only thread")
+                    cheap = asyncio.ensure_future(client.get(f"/fib/{CHEAP_N}"))
+                    # The worker says so at once, not when its thread frees.
+                    await asyncio.to_thread(
+                        wait_until, lambda: counters(server.url)[BUSY_REPLIES] > before[BUSY_REPLIES], 60, 0.05,
+                        "a busy reply")
+                    assert not blocker.done()
+                    return await cheap, await blocker, counters(server.url)
+
+            cheap, blocker, after = asyncio.run(scenario())
+            assert cheap.json() == {"n": CHEAP_N, "value": fib_value(CHEAP_N)}, cheap.text
+            assert blocker.json() == {"n": BLOCKER_N, "value": fib_value(BLOCKER_N)}, blocker.text
+            delta = grown(before, after)
+            print(f"fib({CHEAP_N}) while fib({BLOCKER_N}) held the only thread: {delta}")
+            # the blocker's task, and the cheap request's own (queued on the scheduler behind it)
+            assert delta == {ANSWERED: 0, REFUSED: 0, BUSY_REPLIES: 1, TASKS: 2}
+
+            # "Busy" was for then only: the worker takes direct calls again.
+            r = httpx.get(f"{server.url}/fib/{CHEAP_N}", timeout=600)
+            assert r.json() == {"n": CHEAP_N, "value": fib_value(CHEAP_N)}, r.text
+            assert grown(after, counters(server.url)) == {ANSWERED: 1, REFUSED: 0, BUSY_REPLIES: 0, TASKS: 0}
+    finally:
+        cluster.close()
+
+
+def test_a_functions_error_in_a_direct_call_is_the_requests_answer(tmp_path: Path) -> None:
+    # fib_or_fail raises for odd n on a worker (tests/failing.py): the workers import it from tests/.
+    cluster = DaskProcesses(tmp_path, env={
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    })
+    try:
+        cluster.start_scheduler()
+        cluster.start_worker()
+        cluster.wait_for_workers(1)
+        settings = Settings.from_environ({"DASK_SCHEDULER_ADDRESS": cluster.address, **SETTINGS})
+        with uvicorn_thread(create_app(settings, registry={"fib": FAILING}), free_port()) as url:
+            even = CHEAP_N + CHEAP_N % 2
+            wait_for_direct_calls(url, even)
+            before = counters(url)
+            failed = httpx.get(f"{url}/fib/{even + 1}", timeout=600)
+            assert failed.status_code == 500 and failed.json()["error"] == "compute_failed", failed.text
+            assert f"ValueError: odd argument {even + 1}" in failed.json()["detail"], failed.text
+            # answered by the worker, not taken for the worker's failure: no Dask task, no refusal
+            assert grown(before, counters(url)) == {ANSWERED: 1, REFUSED: 0, BUSY_REPLIES: 0, TASKS: 0}
+            ok = httpx.get(f"{url}/fib/{even}", timeout=600)
+            assert ok.json() == {"n": even, "value": fib_value(even)}, ok.text
+            assert grown(before, counters(url)) == {ANSWERED: 2, REFUSED: 0, BUSY_REPLIES: 0, TASKS: 0}
+    finally:
+        cluster.close()
