@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
+from distributed import get_worker
 from distributed.protocol import pickle
 
 from service.direct import CALLS_PER_THREAD, TARGET_UTILISATION, DirectCalls, Lane, demand
@@ -153,9 +154,14 @@ def boom(x: int) -> int:
     raise ZeroDivisionError(f"on purpose {x}")
 
 
+def worker_name() -> str:
+    return get_worker().name
+
+
 def fake_worker(threads: int, executing: int = 0) -> SimpleNamespace:
     """What DirectCalls reads of a distributed Worker: its state and its thread pool."""
     return SimpleNamespace(
+        name=f"fake-{threads}",
         state=SimpleNamespace(executing={f"task-{i}" for i in range(executing)}, nthreads=threads),
         executors={"default": ThreadPoolExecutor(threads)},
     )
@@ -191,6 +197,17 @@ def test_a_call_runs_the_function_in_the_workers_pool_and_returns_value_and_seco
     assert reply["ok"] is True
     value, seconds = pickle.loads(reply["result"])
     assert value == "go-1" and seconds >= 0
+
+
+def test_the_function_sees_its_worker_as_in_a_task() -> None:
+    worker = fake_worker(1)
+    try:
+        reply = asyncio.run(DirectCalls(worker).call(function=pickle.dumps(worker_name), args=pickle.dumps(())))
+    finally:
+        worker.executors["default"].shutdown()
+    assert pickle.loads(reply["result"])[0] == "fake-1"
+    with pytest.raises(ValueError, match="No worker found"):  # and only inside the call
+        get_worker()
 
 
 def test_the_functions_error_is_the_answer() -> None:
