@@ -284,7 +284,7 @@ def test_the_adaptive_target_counts_the_workers_that_direct_calls_keep_busy(
 
         sent, under_load = asyncio.run(scenario())
         print(f"idle: {idle}; under a closed loop of {concurrency} x fib({LOAD_N}): {under_load} "
-              f"({len(readings)} readings, {sent} requests)")
+              f"({len(readings)} readings, {sent} requests; the last: {readings[-1]})")
         # Every worker reported direct calls, the target counts them all, while Dask's own would let
         # them go: the scheduler has no task.
         assert under_load["tasks"] == 0 and under_load["dask"] == idle["dask"] < workers <= under_load["target"]
