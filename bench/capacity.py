@@ -14,7 +14,13 @@ one core against a bare fib loop on that core. Prints figures; never fails on a 
 Requests alternate between fib(n) and fib(n+1), which rendezvous hashing places on different cells
 (the schedulers' ports are chosen so), so both cells get the same number of requests; the one-cell
 run gets the very same requests. A scheduler's CPU follows its Dask tasks, not the requests: with
-micro-batching, "requests/Dask task" says how many requests shared one.
+micro-batching, "requests/Dask task" says how many requests shared one (of those that a direct call
+did not answer). With direct calls (a
+computation under ``DIRECT_MAX_COST`` sent straight to a worker thread, past the scheduler), the
+cheap requests may not reach a scheduler at all: every run reports the share of its answered
+requests that a direct call answered (the API's ``compute_api_direct_calls_total``), and a load
+whose requests went (almost) all direct is left out of the 55 % target, its scheduler ratio being
+one of two schedulers' idle housekeeping, and said so.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ EFFICIENCY_TASK_SECONDS = 0.1  # fib(n) of 100-200 ms: per-task costs show, the 
 # Requests in flight for the one worker: the scheduler hands a 1-thread worker 2 tasks (worker-saturation),
 # so it always has the next one, and a third waits on the scheduler.
 EFFICIENCY_CLIENTS = 3
+# A load with at least this share of its requests answered by direct calls (in the one-cell or the
+# two-cell run) hardly reaches the schedulers: their CPU ratio says nothing about the scheduler's cost.
+DIRECT_DOMINANT = 0.9
 
 
 def balanced_ports(ns: Sequence[int], tries: int = 1000) -> tuple[int, int]:
@@ -112,6 +121,13 @@ async def phase(
             else:
                 wrong += 1
     per = 1000 / max(ok, 1)  # CPU seconds -> ms per answered request
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    tasks = delta("compute_api_dask_tasks_total")
+    direct = {outcome: delta("compute_api_direct_calls_total", outcome=outcome)
+              for outcome in ("answered", "busy", "refused")}
     schedulers = [e - s for s, e in zip(start["schedulers"], end["schedulers"], strict=True)]
     computations = [a - b for a, b in zip(_cell_computations(after, len(clusters)),
                                           _cell_computations(before, len(clusters)), strict=True)]
@@ -124,8 +140,11 @@ async def phase(
         "statuses": status_counts(s for _, s, _ in answers),
         "latency_ms": latency_ms(s for _, s, _ in answers),
         "cell_computations": computations,
-        "requests_per_task": ok / max(metric(after, "compute_api_dask_tasks_total")
-                                      - metric(before, "compute_api_dask_tasks_total"), 1),
+        "dask_tasks": tasks,
+        # Requests that went through Dask (not answered by a direct call) per Dask task.
+        "requests_per_task": (ok - direct["answered"]) / tasks if tasks else math.nan,
+        "direct_calls": direct,
+        "direct_share": direct["answered"] / ok if ok else math.nan,
         "api_ms": (end["api"] - start["api"]) * per,
         "scheduler_cpu_s": schedulers,
         "scheduler_idle_ms_per_s": [1000 * i for i in idle],
@@ -146,7 +165,9 @@ def _measure(
             row = asyncio.run(phase(url, api_pid, clusters, (n, n + 1), size_rate, seconds))
             row.update(size=size, cells=cells, rate=size_rate)
             results["runs"][f"{size}/{cells}"] = row
-            print(f"{size}, {cells} cell(s): {row['statuses']}, api {row['api_ms']:.2f} ms, "
+            print(f"{size}, {cells} cell(s): {row['statuses']}, direct {row['direct_share']:.1%} "
+                  f"(busy {row['direct_calls']['busy']:.0f}, refused {row['direct_calls']['refused']:.0f}), "
+                  f"Dask tasks {row['dask_tasks']:.0f}, api {row['api_ms']:.2f} ms, "
                   f"schedulers {[round(x, 2) for x in row['scheduler_ms']]} ms, "
                   f"workers {row['worker_ms']:.2f} ms per request", flush=True)
 
@@ -300,9 +321,9 @@ def profile(row: dict[str, Any]) -> Profile:
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| load | cells | answered/s (failed, wrong) | API ms/req | scheduler ms/req (less idle) | "
+        "| load | cells | answered/s (failed, wrong) | direct share | API ms/req | scheduler ms/req (less idle) | "
         "worker ms/req | requests/Dask task | scheduler CPU vs alone (less idle) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["runs"].values():
         fibs = "/".join(str(n) for n in row["ns"])
@@ -312,7 +333,7 @@ def table(results: dict[str, Any]) -> str:
                                                                  row.get("scheduler_net_share", [1.0]), strict=True))
         lines.append(f"| {row['rate']:g}/s fib({fibs}) | {row['cells']} | "
                      f"{row['answered'] / results['seconds']:.0f} ({row['failed']}, {row['wrong']}) | "
-                     f"{row['api_ms']:.2f} | {schedulers} | {row['worker_ms']:.2f} | "
+                     f"{row['direct_share']:.1%} | {row['api_ms']:.2f} | {schedulers} | {row['worker_ms']:.2f} | "
                      f"{row['requests_per_task']:.1f} | {share} |")
     model = results["model"]
     lines.append("")
@@ -329,11 +350,20 @@ def table(results: dict[str, Any]) -> str:
     lines.append(f"For {load}: {s['api_replicas']} API replicas ({s['api_cores']:.2f} cores), {s['cells']} cells "
                  f"({s['scheduler_cores']:.2f} scheduler cores), {s['workers']} workers = {s['workers_per_cell']} "
                  f"per cell ({s['worker_cores']:.2f} cores).")
-    shares = [x for size in ("cheap", "heavy") for x in results["runs"][f"{size}/2"]["scheduler_share"]
+    direct = {size: max(results["runs"][f"{size}/{cells}"]["direct_share"] for cells in (1, 2))
+              for size in ("cheap", "heavy")}
+    counted = [size for size in ("cheap", "heavy") if not direct[size] >= DIRECT_DOMINANT]
+    for size in ("cheap", "heavy"):
+        if size not in counted:
+            lines.append(f"The {size} load barely reached the schedulers: {direct[size]:.1%} of its requests were "
+                         f"answered by direct calls (past the scheduler), so its scheduler CPU is the schedulers' "
+                         f"housekeeping and its ratio says nothing of the 55 % target; the model's {size} "
+                         f"scheduler rate is that of the direct path. Left out of the target below.")
+    shares = [x for size in counted for x in results["runs"][f"{size}/2"]["scheduler_share"]
               if not math.isnan(x)] or [math.nan]
     verdict = "MET" if max(shares) <= TARGET_SHARE else "MISSED" if max(shares) > TARGET_SHARE else "NOT MEASURED"
     lines.append(f"Target: each of 2 cells' schedulers <= {TARGET_SHARE:.0%} of one alone: "
-                 f"{verdict} (worst {max(shares):.0%}).")
+                 f"{verdict} (worst {max(shares):.0%}; loads counted: {', '.join(counted) or 'none'}).")
     e = results.get("efficiency")
     if e and "skipped" in e:
         lines += ["", f"Worker efficiency: not measured ({e['skipped']})."]
