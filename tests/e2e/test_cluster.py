@@ -225,7 +225,10 @@ def test_6_adaptive_target_follows_the_load(cluster: Cluster) -> None:
     # Many distinct n: identical requests share one computation (coalescing), which would hide the
     # queue from the scheduler. Each lasts 0.5 to 2 s here, sized from this machine's speed: enough
     # occupancy for the target to rise, little enough to stay under each API pod's admission limit.
+    # Far above DIRECT_MAX_COST: Dask tasks, which the scheduler queues and counts, not direct calls
+    # (service.direct; those count through the workers' heartbeats, tests/test_direct.py).
     low = fib_n_lasting(0.5)
+    direct_before = cluster.direct_calls()
     with driver(cluster, fast_users=0, fib_users=24, fib_n=(low, low + 3), fib_think=0.0) as load:
         # The event: the target rises above the worker count; the deadline is generous, not a guess.
         deadline = time.monotonic() + 120
@@ -240,8 +243,11 @@ def test_6_adaptive_target_follows_the_load(cluster: Cluster) -> None:
         if after[-1] <= workers:
             break
         time.sleep(1)
-    print(f"adaptive_target with {workers} worker(s): under load {targets}, after {after}")
+    direct = direct_calls_since(cluster, direct_before)
+    print(f"adaptive_target with {workers} worker(s): under load {targets}, after {after}; direct calls {direct}; "
+          f"statuses {load.results.statuses()}")
     record("6 adaptive target under fib load", load.results, f"target peak {peak}, then {after[-1]}")
+    assert direct["answered"] == 0, direct  # the work the target rose for went through the scheduler
     assert peak > workers
     assert after[-1] < peak and after[-1] <= workers
 
