@@ -80,8 +80,17 @@ def test_0_containers_run_the_rendered_pods(cluster: Cluster) -> None:
     assert cluster.http.get(cluster.scheduler_url("/api/v1")).text == "API V1"
 
 
+def direct_calls_since(cluster: Cluster, before: dict[str, float]) -> dict[str, int]:
+    """The API pods' direct calls (service.direct) by outcome since ``before`` (same pods)."""
+    return {outcome: int(count - before[outcome]) for outcome, count in cluster.direct_calls().items()}
+
+
 def test_1_locust_swarm_through_the_ingress(cluster: Cluster) -> None:
-    """The project's locustfile, headless, mixed /fast + /fib for 30 s, with its SLO gate."""
+    """The project's locustfile, headless, mixed /fast + /fib for 30 s, with its SLO gate. /fib's n
+    20..25 (about 1 to 8 ms here) is under DIRECT_MAX_COST: the API pods send it straight to the
+    worker pods' comm port (the preload service.direct that the image declares), past the scheduler,
+    and every worker takes those calls."""
+    direct_before = cluster.direct_calls()
     csv_prefix = cluster.workdir / "locust" / "swarm"
     csv_prefix.parent.mkdir(parents=True, exist_ok=True)
     nginx_ip = cluster.ip(cluster.pods["ingress"])
@@ -92,9 +101,15 @@ def test_1_locust_swarm_through_the_ingress(cluster: Cluster) -> None:
     total, fast = run.stats.get("Aggregated"), run.stats.get("/fast")
     assert total and fast, f"no Locust stats:\n{run.output[-3000:]}"
     requests, failures = int(total["Request Count"]), int(total["Failure Count"])
+    direct = direct_calls_since(cluster, direct_before)
+    print(f"direct calls by outcome: {direct}")
     SUMMARY.append(Row("1 locust swarm 30s (20 users)", requests, failures, float(total["50%"]),
-                       float(total["95%"]), float(total["Requests/s"]), f"/fast p95 {fast['95%']} ms"))
+                       float(total["95%"]), float(total["Requests/s"]),
+                       f"/fast p95 {fast['95%']} ms; direct calls {direct['answered']} answered, "
+                       f"{direct['refused']} refused"))
     assert requests > 500, requests
+    # Cheap /fib went straight to the workers, and no worker failed a direct call.
+    assert direct["answered"] > 0 and direct["refused"] == 0, direct
     assert failures == 0, run.output[-3000:]
     assert float(fast["95%"]) <= FAST_P95_MS
     assert run.exit_code == 0, f"Locust's SLO gate failed:\n{run.output[-3000:]}"
@@ -210,7 +225,10 @@ def test_6_adaptive_target_follows_the_load(cluster: Cluster) -> None:
     # Many distinct n: identical requests share one computation (coalescing), which would hide the
     # queue from the scheduler. Each lasts 0.5 to 2 s here, sized from this machine's speed: enough
     # occupancy for the target to rise, little enough to stay under each API pod's admission limit.
+    # Far above DIRECT_MAX_COST: Dask tasks, which the scheduler queues and counts, not direct calls
+    # (service.direct; those count through the workers' heartbeats, tests/test_direct.py).
     low = fib_n_lasting(0.5)
+    direct_before = cluster.direct_calls()
     with driver(cluster, fast_users=0, fib_users=24, fib_n=(low, low + 3), fib_think=0.0) as load:
         # The event: the target rises above the worker count; the deadline is generous, not a guess.
         deadline = time.monotonic() + 120
@@ -225,8 +243,11 @@ def test_6_adaptive_target_follows_the_load(cluster: Cluster) -> None:
         if after[-1] <= workers:
             break
         time.sleep(1)
-    print(f"adaptive_target with {workers} worker(s): under load {targets}, after {after}")
+    direct = direct_calls_since(cluster, direct_before)
+    print(f"adaptive_target with {workers} worker(s): under load {targets}, after {after}; direct calls {direct}; "
+          f"statuses {load.results.statuses()}")
     record("6 adaptive target under fib load", load.results, f"target peak {peak}, then {after[-1]}")
+    assert direct["answered"] == 0, direct  # the work the target rose for went through the scheduler
     assert peak > workers
     assert after[-1] < peak and after[-1] <= workers
 

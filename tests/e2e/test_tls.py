@@ -68,13 +68,22 @@ def test_7_dask_over_mutual_tls(tls_cluster: Cluster) -> None:
     with Client(f"tls://{host}:{port}", security=security, timeout=10, set_as_default=False) as client:
         assert client.scheduler_info()["workers"]
 
+    # /fib 20..25 is cheap: the API pods send it straight to the workers (service.direct) through
+    # their Client's connection pool, so with the Client's certificate. A worker that refused the
+    # API's TLS connection would count as a refused direct call, and its work would quietly become
+    # a Dask task through the scheduler.
+    direct_before = cluster.direct_calls()
     started = time.monotonic()
     with LoadDriver(cluster.ingress_url, cluster.ingress_host, fast_users=2, fib_users=4, fib_n=(20, 25)) as load:
         time.sleep(10)
     results = load.results
+    direct = {outcome: int(count - direct_before[outcome]) for outcome, count in cluster.direct_calls().items()}
     print(f"no-certificate client refused with: {refusal}; {len(results.samples)} requests in "
-          f"{time.monotonic() - started:.0f} s")
-    record("7 dask over mutual TLS", results, "no-cert client refused")
+          f"{time.monotonic() - started:.0f} s; direct calls by outcome: {direct}")
+    record("7 dask over mutual TLS", results,
+           f"no-cert client refused; direct calls {direct['answered']} answered, {direct['refused']} refused")
     assert results.sent == results.answered == len(results.samples)
     assert results.samples and not results.failures, [f.error for f in results.failures[:5]]
     assert sum(s.correct for s in results.select("/fib")) > 0
+    # The workers accepted the API's TLS connections: cheap /fib was answered by direct calls.
+    assert direct["answered"] > 0 and direct["refused"] == 0, direct
