@@ -14,9 +14,10 @@ from its proxies straight to replicas for the same reason. Here:
   (and ``Adaptive``) keep the workers that direct calls use, which the scheduler would otherwise
   see as idle and retire;
 * the API (``service.backend``) calls a worker directly when the computation is cheap
-  (``DIRECT_MAX_COST``) and the cell has a thread that neither its Dask tasks nor its direct calls
-  occupy (``Lane.pick``). Otherwise it submits a Dask task (batched or not). Under saturation, cheap
-  work therefore queues on the scheduler, which sees it and scales up;
+  (``DIRECT_MAX_COST``) and the cell's threads have fewer than ``CALLS_PER_THREAD`` of its Dask
+  tasks and direct calls each (``Lane.pick``: the worker with the most room, in turn). Otherwise it
+  submits a Dask task (batched or not). Under saturation, cheap work therefore queues on the
+  scheduler, which sees it and scales up;
 * a worker whose every thread runs a Dask task answers "busy" at once instead of making a call
   wait behind them (the API does not know which worker runs its tasks); the computation goes to
   the scheduler, which queues it where a thread frees first;
