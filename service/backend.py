@@ -127,6 +127,7 @@ class Backend:
                 reconnect_interval=settings.reconnect_interval,
                 retry_after=settings.retry_after,
                 on_connect=self._renice_workers if settings.embedded else None,
+                list_workers=settings.direct_max_cost > 0,  # DIRECT_MAX_COST=0: nobody needs the poll
             )
             for address in addresses
         ]

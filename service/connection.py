@@ -59,6 +59,7 @@ class SchedulerConnection:
         reconnect_interval: float,
         retry_after: int,
         on_connect: Callable[[Client], Awaitable[None]] | None = None,
+        list_workers: bool = True,
     ) -> None:
         self.address = address
         self.connect_timeout = connect_timeout
@@ -66,6 +67,7 @@ class SchedulerConnection:
         self.retry_after = retry_after  # of the 503 for requests in flight when the scheduler is lost
         self.on_connect = on_connect  # e.g. register a worker plugin on every new Client
         self.client: Client | None = None
+        self.list_workers = list_workers  # keep ``workers`` (for direct calls; a poll of the scheduler)
         self.workers: dict[str, int] = {}  # running workers -> threads, for direct calls
         self._supervisor: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -95,7 +97,8 @@ class SchedulerConnection:
     def supervise(self) -> None:
         """Start replacing Clients that distributed has given up on."""
         self._supervisor = asyncio.create_task(self._supervise(), name="dask-supervisor")
-        self._watcher = asyncio.create_task(self._watch_workers(), name="dask-workers")
+        if self.list_workers:
+            self._watcher = asyncio.create_task(self._watch_workers(), name="dask-workers")
 
     async def _supervise(self) -> None:
         # While a Client is merely "connecting", distributed is retrying by itself: interfering

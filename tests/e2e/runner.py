@@ -397,11 +397,13 @@ class Cluster:
         did, not counting requests that shared one computation (coalescing)."""
         return self.api_metric('compute_api_computations_total{where="dask"}')
 
-    def direct_calls(self) -> dict[str, float]:
+    def direct_calls(self, since: dict[str, int] | None = None) -> dict[str, int]:
         """Cheap computations the API pods sent straight to a worker (service.direct), by outcome:
         answered, busy (every worker thread ran a Dask task) and refused (the call failed for the
-        worker's sake: unreachable, TLS refused, no handler), summed over the API pods."""
-        return {outcome: self.api_metric(f'compute_api_direct_calls_total{{outcome="{outcome}"}}')
+        worker's sake: unreachable, TLS refused, no handler), summed over the API pods; with
+        ``since`` (an earlier reading from the same pods), those made after it."""
+        return {outcome: int(self.api_metric(f'compute_api_direct_calls_total{{outcome="{outcome}"}}'))
+                - (since or {}).get(outcome, 0)
                 for outcome in ("answered", "busy", "refused")}
 
     def api_requests(self) -> float:

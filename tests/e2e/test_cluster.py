@@ -80,11 +80,6 @@ def test_0_containers_run_the_rendered_pods(cluster: Cluster) -> None:
     assert cluster.http.get(cluster.scheduler_url("/api/v1")).text == "API V1"
 
 
-def direct_calls_since(cluster: Cluster, before: dict[str, float]) -> dict[str, int]:
-    """The API pods' direct calls (service.direct) by outcome since ``before`` (same pods)."""
-    return {outcome: int(count - before[outcome]) for outcome, count in cluster.direct_calls().items()}
-
-
 def test_1_locust_swarm_through_the_ingress(cluster: Cluster) -> None:
     """The project's locustfile, headless, mixed /fast + /fib for 30 s, with its SLO gate. /fib's n
     20..25 (about 1 to 8 ms here) is under DIRECT_MAX_COST: the API pods send it straight to the
@@ -101,7 +96,7 @@ def test_1_locust_swarm_through_the_ingress(cluster: Cluster) -> None:
     total, fast = run.stats.get("Aggregated"), run.stats.get("/fast")
     assert total and fast, f"no Locust stats:\n{run.output[-3000:]}"
     requests, failures = int(total["Request Count"]), int(total["Failure Count"])
-    direct = direct_calls_since(cluster, direct_before)
+    direct = cluster.direct_calls(since=direct_before)
     print(f"direct calls by outcome: {direct}")
     SUMMARY.append(Row("1 locust swarm 30s (20 users)", requests, failures, float(total["50%"]),
                        float(total["95%"]), float(total["Requests/s"]),
@@ -243,7 +238,7 @@ def test_6_adaptive_target_follows_the_load(cluster: Cluster) -> None:
         if after[-1] <= workers:
             break
         time.sleep(1)
-    direct = direct_calls_since(cluster, direct_before)
+    direct = cluster.direct_calls(since=direct_before)
     print(f"adaptive_target with {workers} worker(s): under load {targets}, after {after}; direct calls {direct}; "
           f"statuses {load.results.statuses()}")
     record("6 adaptive target under fib load", load.results, f"target peak {peak}, then {after[-1]}")

@@ -77,7 +77,7 @@ def test_7_dask_over_mutual_tls(tls_cluster: Cluster) -> None:
     with LoadDriver(cluster.ingress_url, cluster.ingress_host, fast_users=2, fib_users=4, fib_n=(20, 25)) as load:
         time.sleep(10)
     results = load.results
-    direct = {outcome: int(count - direct_before[outcome]) for outcome, count in cluster.direct_calls().items()}
+    direct = cluster.direct_calls(since=direct_before)
     print(f"no-certificate client refused with: {refusal}; {len(results.samples)} requests in "
           f"{time.monotonic() - started:.0f} s; direct calls by outcome: {direct}")
     record("7 dask over mutual TLS", results,
