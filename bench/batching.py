@@ -36,10 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.driver import Driver, latency_ms, percentile, status_counts
-from bench.processes import cpu_seconds, dask_cluster, fib_n_for, listening_pid, metric, remote_api
+from bench.processes import cpu_seconds, dask_cluster, fib_n_for, housekeeping, listening_pid, metric, remote_api
 from bench.server import running
-
-IDLE_SECONDS = 3.0
 
 # The runs, each with its own API process on the same Dask processes: (label, settings beside the defaults).
 RUNS: tuple[tuple[str, dict[str, str]], ...] = (
@@ -67,10 +65,7 @@ async def phase(url: str, scheduler_pid: int, api_pid: int, n: int, rate: float,
                 await asyncio.sleep(0.01)
             return samples
 
-        # The scheduler's own housekeeping (heartbeats, the Client's polls), paid with or without requests.
-        idle0 = cpu_seconds(scheduler_pid)
-        await asyncio.sleep(IDLE_SECONDS)
-        idle = (cpu_seconds(scheduler_pid) - idle0) / IDLE_SECONDS
+        [idle] = await housekeeping([scheduler_pid], seconds)
         scheduler0, api0 = cpu_seconds(scheduler_pid), cpu_seconds(api_pid)
         fast = asyncio.create_task(probe())
         fib_samples = await driver.open_loop(f"/fib/{n}", rate, seconds, timeout=30)

@@ -48,6 +48,7 @@ from bench.processes import (
     cpu_seconds,
     dask_cluster,
     fib_n_for,
+    housekeeping,
     listening_pid,
     metric,
     pinned_to,
@@ -57,7 +58,6 @@ from bench.server import HOST, ROOT, free_port, running
 from service.cells import preferred_cell
 from service.tasks import fib
 
-IDLE_SECONDS = 3.0
 TARGET_SHARE = 0.55  # issue 12: each of 2 cells' schedulers at most 55 % of one scheduler alone
 EXAMPLE_LOAD = {"cheap": 2000.0, "heavy": 200.0}  # the README's worked sizing example
 TARGET_EFFICIENCY = 0.95  # each worker delivers at least 95 % of a bare fib loop on its core
@@ -99,10 +99,7 @@ async def phase(
         for path in paths:  # warm the connections, the cost model and the workers
             await driver.burst(path, 5)
         before = await driver.text("/metrics")
-        # The schedulers' housekeeping (heartbeats, the Client's polls), paid with or without requests.
-        idle0 = [cpu_seconds(c.scheduler_pid) for c in clusters]
-        await asyncio.sleep(IDLE_SECONDS)
-        idle = [(cpu_seconds(c.scheduler_pid) - i) / IDLE_SECONDS for c, i in zip(clusters, idle0, strict=True)]
+        idle = await housekeeping([c.scheduler_pid for c in clusters], seconds)
 
         def snapshot() -> dict[str, Any]:
             return {"api": cpu_seconds(api_pid), "schedulers": [cpu_seconds(c.scheduler_pid) for c in clusters],

@@ -139,9 +139,13 @@ def test_capacity_bench_measures_every_process(tmp_path: Path) -> None:
         assert row["offered"] == row["rate"] * 2 and row["answered"] == row["offered"], (key, row)
         assert row["wrong"] == 0 and row["failed"] == 0, (key, row)
         assert row["api_ms"] > 0 and row["worker_ms"] > 0, (key, row)
-        assert len(row["scheduler_ms"]) == row["cells"] and all(ms > 0 for ms in row["scheduler_ms"]), (key, row)
+        # A scheduler's CPU over a 2 s window: its housekeeping (~4 ms/s) plus its Dask tasks, read in
+        # the OS's 10 ms ticks, so a cell that direct calls kept out of the way may read 0.
+        assert len(row["scheduler_ms"]) == row["cells"] and all(ms >= 0 for ms in row["scheduler_ms"]), (key, row)
         # Placement split the requests over the cells as the bench intended: half each.
         assert row["cell_computations"] == [row["answered"] / row["cells"]] * row["cells"], (key, row)
+    # Heavy requests are Dask tasks (over DIRECT_MAX_COST): they cost the schedulers CPU.
+    assert sum(results["runs"]["heavy/1"]["scheduler_cpu_s"] + results["runs"]["heavy/2"]["scheduler_cpu_s"]) > 0
     assert results["model"]["sizing"]["cells"] >= 1
     assert "| load | cells |" in done.stdout and "Target: each of 2 cells' schedulers" in done.stdout
     # The worker's efficiency: one pair of rounds (bare, worker, bare) on a machine with 2 cores or more.
