@@ -61,7 +61,7 @@ async def housekeeping(pids: Sequence[int], seconds: float) -> list[float]:
     """CPU seconds per second that each of ``pids`` (process trees) spends with no request to serve:
     a scheduler's heartbeats, periodic callbacks and the API Client's polls, paid with or without
     load. Measured for as long as the load it is subtracted from (``seconds``): the OS counts CPU in
-    10 ms ticks, so 3 s (as before) read 7 ms/s as anything from 3.3 to 10."""
+    10 ms ticks, so a shorter window would read it coarser than the load (3 s reads 7 ms/s as 3.3-10)."""
     before = [cpu_seconds(pid) for pid in pids]
     await asyncio.sleep(seconds)
     return [(cpu_seconds(pid) - b) / seconds for pid, b in zip(pids, before, strict=True)]
